@@ -1,0 +1,54 @@
+"""The ``genimg`` command: one entry point, sub-commands per concern.
+
+Example::
+
+    genimg models train verifier --seed 0
+    genimg models build-repo --flavor cpu --out model_repository
+    genimg triton serve --repo model_repository
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+app = typer.Typer(
+    name="genimg",
+    help="genimg: batch image generation for synthetic datasets.\n\n"
+    "Example: genimg models eval --json",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _mount() -> None:
+    from genimg.models.cli import app as models_app
+    from workers.cli import worker
+
+    app.add_typer(models_app, name="models")
+    app.command("worker")(worker)
+    try:
+        from genimg.triton.cli import app as triton_app
+    except ImportError:  # the triton sub-package is optional at this stage
+        return
+    app.add_typer(triton_app, name="triton")
+
+
+@app.callback()
+def _root(log_level: str = typer.Option(os.environ.get("GENIMG_LOG_LEVEL", "INFO"), "--log-level",
+                                        help="Logging level [env GENIMG_LOG_LEVEL]")) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+_mount()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
