@@ -1,0 +1,115 @@
+"""``genimg models``: train, export, evaluate the models and build TensorRT engines.
+
+Examples::
+
+    genimg models train generator --seed 0
+    genimg models export --out .cache/genimg/onnx
+    genimg models eval --json --sheet demo-out/models_sheet.png
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from genimg.settings import WEIGHTS_DIR
+
+app = typer.Typer(help="Train, export and evaluate genimg's models.", no_args_is_help=True)
+
+DEFAULT_ONNX_DIR = Path(".cache/genimg/onnx")
+
+
+class Trainable(str, Enum):
+    generator = "generator"
+    upscaler = "upscaler"
+    verifier = "verifier"
+
+
+def _offline() -> None:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@app.command()
+def train(
+    model: Trainable = typer.Argument(..., help="Which model to train."),
+    seed: int = typer.Option(0, help="Random seed (training is deterministic for a seed)."),
+    out: Path = typer.Option(WEIGHTS_DIR, help="Directory for the safetensors weights."),
+    epochs: int = typer.Option(0, help="Epochs (generator, verifier) or steps (upscaler); 0 = default."),
+) -> None:
+    """Train one model on this machine's CPU; prints the weights path."""
+    _offline()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from genimg.models import train as tr
+
+    fn = {"generator": tr.train_generator, "upscaler": tr.train_upscaler, "verifier": tr.train_verifier}[model.value]
+    kwargs: dict = {"seed": seed}
+    if epochs:
+        kwargs["steps" if model is Trainable.upscaler else "epochs"] = epochs
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), TextColumn("{task.fields[figures]}")) as bar:
+        task = bar.add_task(f"train {model.value}", total=None, figures="")
+
+        def progress(step: int, total: int, figures: dict) -> None:
+            bar.update(task, completed=step, total=total, figures=json.dumps(figures))
+
+        path = fn(out, progress=progress, **kwargs)
+    typer.echo(str(path))
+
+
+@app.command()
+def export(out: Path = typer.Option(DEFAULT_ONNX_DIR, help="Directory for the ONNX files."),
+           weights: Path = typer.Option(WEIGHTS_DIR, help="Directory of trained weights.")) -> None:
+    """Export all models (and the text encoder) to ONNX with a dynamic batch axis."""
+    _offline()
+    from genimg.models.export import export_all
+
+    for name, path in export_all(out, weights).items():
+        typer.echo(f"{name}\t{path}")
+
+
+@app.command("eval")
+def eval_(
+    as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object."),
+    sheet: Path | None = typer.Option(None, help="Also write a contact sheet PNG here."),
+    weights: Path = typer.Option(WEIGHTS_DIR, help="Directory of trained weights."),
+) -> None:
+    """Measure the models' quality (see genimg.models.evaluate for each key)."""
+    _offline()
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    from genimg.models.evaluate import contact_sheet, evaluate
+
+    figures = evaluate(weights)
+    if sheet is not None:
+        contact_sheet(sheet, weights)
+    if as_json:
+        typer.echo(json.dumps(figures, sort_keys=True))
+    else:
+        for k, v in figures.items():
+            typer.echo(f"{k:28s} {v}")
+
+
+@app.command("build-engines")
+def build_engines(onnx_dir: Path = typer.Option(DEFAULT_ONNX_DIR, help="ONNX files (from `export`)."),
+                  out: Path = typer.Option(Path(".cache/genimg/engines"), help="Directory for *.plan files.")) -> None:
+    """Build FP16 TensorRT plans (batch 1/64/256 profiles); exits 0 with a reason where impossible."""
+    from genimg.models import engines
+
+    reason = engines.tensorrt_unavailable_reason()
+    if reason:
+        typer.echo(f"build-engines: skipped: {reason}; TensorRT plans need an NVIDIA GPU with TensorRT.")
+        raise typer.Exit(0)
+    for name, path in engines.build_engines(onnx_dir, out).items():
+        typer.echo(f"{name}\t{path}")
+
+
+from genimg.triton.cli_build import build_repo  # noqa: E402 - the repository builder lives with the Triton code
+
+app.command("build-repo")(build_repo)
