@@ -1,0 +1,641 @@
+"""Job specification, prompt limits, shard plan and per-item seeds.
+
+This is what a producer validates before anything is stored or enqueued, and
+what a worker trusts after re-validating the stored ``job.json``:
+
+- :class:`JobSpec`: one dataset job (frozen pydantic model, JSON round trip with
+  a schema version). Every user-given value is bounded; an invalid value raises
+  :class:`genimg.errors.ValidationError` whose ``field`` names the first failing
+  field and whose message says what is wrong.
+- :func:`validate_prompt`: the prompt limits (``MAX_PROMPT_CHARS``, ...).
+- :func:`plan_shards`: items ``[0, N)`` cut into contiguous shards, O(1) memory.
+- :func:`item_seed`, :func:`item_noise`, :func:`batch_noise`: an item's seed
+  and generator noise depend on ``(job seed, item index)`` only, never on batch
+  composition, shard size, worker or retry (case C11).
+
+Items are ordered prompt-major: item ``i`` uses prompt ``i // images_per_prompt``
+and is that prompt's image number ``i % images_per_prompt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import numbers
+import re
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import numpy as np
+import pydantic
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
+
+from genimg.errors import ValidationError
+from genimg.settings import SpecSettings
+
+# --------------------------------------------------------------------------- limits
+
+SCHEMA_VERSION: Final = 1
+"""Version of the stored ``job.json`` layout; :meth:`JobSpec.from_json` reads only this one."""
+
+MODELS: Final = ("txt2img", "noise2img")
+"""The served set of Triton ensembles a job may name."""
+
+IMAGE_FORMATS: Final = ("png", "webp", "jpeg")
+
+MAX_PROMPT_CHARS: Final = 2_000
+"""Longest prompt, in Unicode code points."""
+MAX_PROMPT_BYTES: Final = 8_000
+"""Longest prompt, in UTF-8 bytes (what Triton's BYTES tensor carries)."""
+
+MAX_IMAGES_PER_PROMPT: Final = 64
+MAX_SEED: Final = 2**63 - 1
+"""Job seeds are in ``[0, MAX_SEED]`` (fits a signed 64-bit integer everywhere)."""
+MAX_TOTAL_ITEMS: Final = 10**9
+"""Most images one job may make (``count``, or ``num_prompts * images_per_prompt``)."""
+MAX_SHARD_SIZE: Final = 10_000
+"""Most items in one shard (one Celery task, one output .tar)."""
+MAX_SHARDS: Final = 1_000_000
+"""Most shards (task messages) one job may enqueue; raise ``shard_size`` for bigger jobs."""
+MAX_SUB_BATCH_SIZE: Final = 256
+"""Most items per Triton request batch inside a shard."""
+DEFAULT_PROMPT_CHUNK_SIZE: Final = 1_000
+"""Prompts per stored prompt chunk (``prompts/NNNNNNNNN.json``); worst case ~16 MB."""
+MAX_PROMPT_CHUNK_SIZE: Final = 10_000
+MAX_OUTPUT_URL_CHARS: Final = 512
+"""Longest output URL; leaves room under S3's 1,024-byte key limit for job and shard names."""
+MAX_NAME_CHARS: Final = 64
+MAX_IDEMPOTENCY_KEY_CHARS: Final = 256
+MAX_SPEC_JSON_BYTES: Final = 64 * 1024
+"""Largest stored ``job.json`` that :meth:`JobSpec.from_json` will parse."""
+Z_DIM: Final = 100
+"""Length of the generator's noise vector ``Z`` (FP32)."""
+MAX_Z_DIM: Final = 4_096
+
+PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
+"""Named priorities. Priorities are ints 0..9 where a HIGHER number runs sooner;
+the queue layer maps this onto its transport (kombu's Redis transport treats 0
+as the most urgent, so it must send ``9 - priority``)."""
+
+_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no spaces
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=+@,-]+$")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+# Unicode category Cc (C0, DEL, C1) except TAB, LF, CR.
+_PROMPT_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def prompt_problem(text: object) -> str | None:
+    """Say what is wrong with a prompt, or ``None`` when it is acceptable.
+
+    The rules (checked in this order, cheapest first, so a 1 MB prompt is
+    refused on its length without being scanned):
+
+    - a ``str`` (not bytes);
+    - at most ``MAX_PROMPT_CHARS`` (2,000) code points and ``MAX_PROMPT_BYTES``
+      (8,000) UTF-8 bytes;
+    - encodable as UTF-8 (no lone surrogates such as ``"\\ud800"``);
+    - no control characters (Unicode category Cc: U+0000-U+001F, U+007F-U+009F)
+      except tab, line feed and carriage return. **A NUL byte is rejected**
+      at the producer with this error (case C5): numpy's fixed-width ``S``/``U``
+      dtypes silently strip trailing NULs, so rejecting them is the only way to
+      promise byte-identical prompts end to end.
+
+    The empty prompt ``""`` is valid and means "no prompt" (unconditional
+    generation through the txt2img path); so is a whitespace-only prompt, which
+    is passed on unchanged.
+    """
+    if not isinstance(text, str):
+        return f"must be a str, got {type(text).__name__}"
+    n_chars = len(text)
+    if n_chars > MAX_PROMPT_CHARS:
+        return f"is {n_chars:,} characters long; the limit is {MAX_PROMPT_CHARS:,} characters"
+    try:
+        n_bytes = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        bad = ord(text[e.start])
+        return (f"is not valid Unicode (lone surrogate U+{bad:04X} at character {e.start}); "
+                "it cannot be encoded as UTF-8")
+    if n_bytes > MAX_PROMPT_BYTES:
+        return f"is {n_bytes:,} UTF-8 bytes long; the limit is {MAX_PROMPT_BYTES:,} bytes"
+    m = _PROMPT_CONTROL_RE.search(text)
+    if m is not None:
+        return (f"contains control character U+{ord(m.group()):04X} at character {m.start()}; "
+                "only tab, line feed and carriage return are allowed")
+    return None
+
+
+def validate_prompt(text: object) -> str:
+    """Return ``text`` unchanged if it is an acceptable prompt (see :func:`prompt_problem`).
+
+    Raises:
+        ValidationError: with ``field="prompt"`` and the rule it breaks.
+    """
+    problem = prompt_problem(text)
+    if problem is not None:
+        raise ValidationError(f"prompt {problem}", field="prompt")
+    return text  # type: ignore[return-value]  # prompt_problem proved it is a str
+
+
+# --------------------------------------------------------------------------- output URL
+
+
+def validate_output_url(url: str, *, local_output_root: Path | None) -> str:
+    """Check an output URL and return its normal form.
+
+    Accepted:
+
+    - ``s3://bucket`` or ``s3://bucket/prefix``: bucket per S3's naming rules
+      (3-63 of ``a-z 0-9 . -``, starts and ends alphanumeric, not an IP
+      address, no ``..``, no reserved ``xn--``/``sthree-`` prefix or
+      ``-s3alias``/``--ol-s3`` suffix); prefix segments non-empty, of
+      ``A-Za-z0-9 . _ - = + @ ,`` only (so no spaces, backslashes, ``%``,
+      ``?``, ``#`` or control characters), none ``.`` or ``..``. One trailing
+      ``/`` is dropped.
+    - ``file:///absolute/path`` only when ``local_output_root`` is set, the path
+      obeys the same segment rules, and the path with symlinks resolved lies
+      inside the resolved root; the normal form is the resolved path.
+
+    Everything else (``http://``, ``ftp://``, ``S3://``, bare or relative paths,
+    ``file://host/...``) is rejected. ``..`` is rejected anywhere in the URL.
+
+    Args:
+        url: the user's output URL, at most ``MAX_OUTPUT_URL_CHARS`` characters.
+        local_output_root: directory that ``file://`` outputs must stay inside;
+            ``None`` disables ``file://`` outputs.
+
+    Raises:
+        ValidationError: ``field="output"``, saying which rule the URL breaks.
+    """
+
+    def bad(why: str) -> ValidationError:
+        return ValidationError(f"{why} (got {_short(url)})", field="output")
+
+    if not isinstance(url, str):
+        raise bad("must be a str")
+    if len(url) > MAX_OUTPUT_URL_CHARS:
+        raise bad(f"is {len(url):,} characters long; the limit is {MAX_OUTPUT_URL_CHARS}")
+    if ".." in url:
+        raise bad("must not contain '..'")
+    m = _SCHEME_RE.match(url)
+    scheme = m.group(1) if m else ""
+    if scheme == "s3" and url.startswith("s3://"):
+        return _validate_s3_url(url, bad)
+    if scheme == "file" and url.startswith("file://"):
+        return _validate_file_url(url, local_output_root, bad)
+    raise bad(f"unsupported {('scheme ' + repr(scheme)) if scheme else 'form (no scheme)'}; "
+              "use s3://bucket/prefix, or file:///path under GENIMG_LOCAL_OUTPUT_ROOT")
+
+
+def _check_segments(segments: list[str], bad: Any) -> None:
+    for seg in segments:
+        if seg == "":
+            raise bad("must not contain empty path segments ('//')")
+        if seg == ".":
+            raise bad("must not contain '.' path segments")
+        if not _SEGMENT_RE.match(seg):
+            raise bad(f"path segment {_short(seg)} may only use letters, digits and . _ - = + @ ,")
+
+
+def _validate_s3_url(url: str, bad: Any) -> str:
+    rest = url[len("s3://"):]
+    if rest.endswith("/"):
+        rest = rest[:-1]
+    bucket, _, prefix = rest.partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise bad("bucket name must be 3-63 characters of a-z, 0-9, '.' and '-', "
+                  "starting and ending with a letter or digit")
+    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
+        raise bad("bucket name uses a prefix or suffix that S3 reserves")
+    try:
+        ipaddress.ip_address(bucket)
+    except ValueError:
+        pass
+    else:
+        raise bad("bucket name must not be formatted as an IP address")
+    if prefix or rest.endswith("/"):
+        _check_segments(prefix.split("/"), bad)
+    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+
+
+def _validate_file_url(url: str, root: Path | None, bad: Any) -> str:
+    if root is None:
+        raise bad("file:// outputs are disabled; set GENIMG_LOCAL_OUTPUT_ROOT to allow a local directory")
+    path = url[len("file://"):]
+    if not path.startswith("/"):
+        raise bad("file URLs must be file:///absolute/path (no host, no relative path)")
+    body = path[1:].removesuffix("/")
+    if body:
+        _check_segments(body.split("/"), bad)
+    resolved = Path(path).resolve()
+    root_resolved = Path(root).resolve()
+    if not resolved.is_relative_to(root_resolved):
+        raise bad(f"local output must resolve inside the allowed root {str(root_resolved)!r}")
+    return f"file://{resolved.as_posix()}"
+
+
+# --------------------------------------------------------------------------- job spec
+
+
+def derive_job_id(idempotency_key: str | None = None) -> str:
+    """Return a job id: 32 lowercase hex digits.
+
+    With an idempotency key the id is ``sha256("genimg-job-id/v1\\0" + key)``
+    truncated to 128 bits, so submitting the same key again names the same job;
+    without one it is a random ``uuid4().hex``.
+
+    Raises:
+        ValidationError: ``field="idempotency_key"`` if the key breaks its rules.
+    """
+    if idempotency_key is None:
+        return uuid.uuid4().hex
+    _check_idempotency_key(idempotency_key)
+    digest = hashlib.sha256(b"genimg-job-id/v1\0" + idempotency_key.encode("ascii")).hexdigest()
+    return digest[:32]
+
+
+def _check_idempotency_key(key: object) -> None:
+    if not isinstance(key, str) or not (1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS) \
+            or not _IDEMPOTENCY_KEY_RE.match(key):
+        raise ValidationError(f"must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters "
+                              f"(no spaces) (got {_short(key)})", field="idempotency_key")
+
+
+class _FieldError(ValueError):
+    """A cross-field check's failure, carrying the field it blames."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+def _integral(value: object) -> object:
+    """Accept Python and numpy integers; refuse booleans (``True`` is not a count)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be an integer, not a boolean (got {value!r})")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return value
+
+
+def _priority(value: object) -> object:
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key not in PRIORITY_NAMES:
+            raise ValueError(f"must be an integer 0-9 or one of {', '.join(PRIORITY_NAMES)} "
+                             f"(got {_short(value)})")
+        return PRIORITY_NAMES[key]
+    return _integral(value)
+
+
+_Int = Annotated[int, Strict(), BeforeValidator(_integral)]
+_Priority = Annotated[int, Strict(), BeforeValidator(_priority)]
+
+
+class JobSpec(BaseModel):
+    """One dataset job, as validated at submit time and stored once as ``job.json``.
+
+    Build one with :meth:`create` (derives ``job_id`` and ``created_at``) and
+    store it with :meth:`to_json`; a worker reads it back with :meth:`from_json`,
+    which re-validates everything. Both raise :class:`genimg.errors.ValidationError`
+    with ``field`` set to the first failing field. (Plain ``JobSpec(**fields)``
+    or ``model_validate`` validate the same rules but raise pydantic's own
+    ``ValidationError``; a custom ``__init__`` would make pydantic drop the
+    validation context, so there is none.)
+
+    Prompts are not part of the spec: the producer streams them into chunks of
+    ``prompt_chunk_size`` under :attr:`prompts_prefix` (see
+    :mod:`genimg.inputs`) and records only ``num_prompts``.
+
+    Attributes:
+        schema_version: layout version of the stored JSON (``SCHEMA_VERSION``).
+        job_id: 32 hex digits, see :func:`derive_job_id`; must match the
+            idempotency key when one is given.
+        model: ``"txt2img"`` (prompts) or ``"noise2img"`` (a count of noise samples).
+        count: noise2img only: number of images, 1..``MAX_TOTAL_ITEMS``.
+        num_prompts: txt2img only: number of prompts stored, >= 1.
+        prompt_chunk_size: txt2img only: prompts per stored chunk, 1..10,000.
+        images_per_prompt: 1..64 for txt2img; must be 1 for noise2img.
+        seed: job seed, 0..2**63-1; item seeds derive from it (:func:`item_seed`).
+        output: normalised output URL (:func:`validate_output_url`); the job's
+            files live under ``{output}/{job_id}/``.
+        image_format: ``png``, ``webp`` or ``jpeg``.
+        quality: 1..100, for lossy webp and jpeg (png ignores it).
+        shard_size: items per shard, 1..10,000; at most ``MAX_SHARDS`` shards.
+        sub_batch_size: items per Triton request, 1..256.
+        upscale: pass images through the 4x upscaler.
+        priority: 0..9, higher runs sooner; accepts ``low``/``normal``/``high``
+            (0/5/9) on input and is stored as the integer.
+        name: optional label, 1-64 of ``A-Za-z0-9._-``, starting alphanumeric.
+        idempotency_key: optional, 1-256 visible ASCII characters.
+        created_at: timezone-aware submit time, stored in UTC.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    job_id: str = Field(pattern=_JOB_ID_RE.pattern)
+    model: Literal["txt2img", "noise2img"] = "txt2img"
+    count: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
+    num_prompts: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
+    prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
+    images_per_prompt: _Int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
+    seed: _Int = Field(default=0, ge=0, le=MAX_SEED)
+    output: str = Field(max_length=MAX_OUTPUT_URL_CHARS)
+    image_format: Literal["png", "webp", "jpeg"] = "png"
+    quality: _Int = Field(default=95, ge=1, le=100)
+    shard_size: _Int = Field(default=1_000, ge=1, le=MAX_SHARD_SIZE)
+    sub_batch_size: _Int = Field(default=64, ge=1, le=MAX_SUB_BATCH_SIZE)
+    upscale: Annotated[bool, Strict()] = True
+    priority: _Priority = Field(default=PRIORITY_NAMES["normal"], ge=0, le=9)
+    name: str | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1,
+                                        max_length=MAX_IDEMPOTENCY_KEY_CHARS,
+                                        pattern=_IDEMPOTENCY_KEY_RE.pattern)
+    created_at: datetime
+
+    # ---- construction
+
+    @classmethod
+    def create(cls, *, settings: SpecSettings | None = None, **fields: Any) -> JobSpec:
+        """Validate a new job's fields; derive ``job_id`` and ``created_at`` if absent.
+
+        Args:
+            settings: where ``file://`` outputs may go; read from the
+                environment (``GENIMG_LOCAL_OUTPUT_ROOT``) when omitted.
+            **fields: the attributes listed on the class.
+
+        Raises:
+            ValidationError: naming the first invalid field.
+        """
+        return cls._validate(fields, settings=settings, derive=True)
+
+    @classmethod
+    def from_json(cls, data: str | bytes, *, settings: SpecSettings | None = None) -> JobSpec:
+        """Read a stored ``job.json`` and validate it as strictly as at submit time.
+
+        ``job_id`` and ``created_at`` must be present (nothing is derived), and a
+        spec edited in storage into anything invalid is refused.
+
+        Raises:
+            ValidationError: naming the first invalid field (``"spec"`` when the
+                document itself is not a JSON object or is too large).
+        """
+        if len(data) > MAX_SPEC_JSON_BYTES:
+            raise ValidationError(f"stored spec is {len(data):,} bytes; the limit is "
+                                  f"{MAX_SPEC_JSON_BYTES:,}", field="spec")
+        return cls._validate(data, settings=settings, derive=False)
+
+    @classmethod
+    def _validate(cls, data: Any, *, settings: SpecSettings | None, derive: bool) -> JobSpec:
+        root = (settings or SpecSettings.from_env()).local_output_root
+        context = {"local_output_root": root, "derive": derive}
+        try:
+            if isinstance(data, (str, bytes)):
+                return cls.model_validate_json(data, context=context)
+            return cls.model_validate(data, context=context)
+        except pydantic.ValidationError as e:
+            raise _from_pydantic(e) from e
+
+    def to_json(self) -> str:
+        """The spec as compact JSON (fields in declaration order), as stored in ``job.json``."""
+        return self.model_dump_json()
+
+    # ---- validators
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _fill_derived(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            return data
+        context = info.context or {}
+        data = dict(data)
+        if context.get("derive", True):
+            if data.get("job_id") is None:
+                key = data.get("idempotency_key")
+                try:
+                    data["job_id"] = derive_job_id(key)
+                except ValidationError as e:
+                    raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+            if data.get("created_at") is None:
+                data["created_at"] = datetime.now(timezone.utc)
+            if data.get("model", "txt2img") == "txt2img" and data.get("prompt_chunk_size") is None:
+                data["prompt_chunk_size"] = DEFAULT_PROMPT_CHUNK_SIZE
+        return data
+
+    @pydantic.field_validator("output")
+    @classmethod
+    def _check_output(cls, value: str, info: ValidationInfo) -> str:
+        context = info.context
+        if context is not None and "local_output_root" in context:
+            root = context["local_output_root"]
+        else:
+            root = SpecSettings.from_env().local_output_root
+        try:
+            return validate_output_url(value, local_output_root=root)
+        except ValidationError as e:
+            raise _FieldError("output", str(e).removeprefix("output: ")) from None
+
+    @pydantic.field_validator("schema_version", mode="before")
+    @classmethod
+    def _check_schema_version(cls, value: object) -> object:
+        if value != SCHEMA_VERSION or isinstance(value, bool):
+            raise ValueError(f"unsupported schema version {_short(value)}; this genimg reads "
+                             f"version {SCHEMA_VERSION}")
+        return value
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > MAX_NAME_CHARS or not _NAME_RE.match(value)):
+            raise ValueError(f"must be 1-{MAX_NAME_CHARS} of A-Z a-z 0-9 . _ - starting with a "
+                             f"letter or digit (got {_short(value)})")
+        return value
+
+    @pydantic.field_validator("created_at")
+    @classmethod
+    def _check_created_at(cls, value: datetime) -> datetime:
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError("must be timezone-aware (e.g. datetime.now(timezone.utc))")
+        return value.astimezone(timezone.utc)
+
+    @pydantic.model_validator(mode="after")
+    def _check_consistency(self) -> JobSpec:
+        if self.model == "txt2img":
+            if self.count is not None:
+                raise _FieldError("count", "is for model 'noise2img'; a txt2img job gives prompts "
+                                           "(num_prompts)")
+            if self.num_prompts is None:
+                raise _FieldError("num_prompts", "is required for model 'txt2img'")
+            if self.prompt_chunk_size is None:
+                raise _FieldError("prompt_chunk_size", "is required for model 'txt2img'")
+        else:
+            if self.num_prompts is not None:
+                raise _FieldError("num_prompts", "is for model 'txt2img'; a noise2img job gives count")
+            if self.prompt_chunk_size is not None:
+                raise _FieldError("prompt_chunk_size", "is for model 'txt2img' only")
+            if self.count is None:
+                raise _FieldError("count", "is required for model 'noise2img'")
+            if self.images_per_prompt != 1:
+                raise _FieldError("images_per_prompt", "must be 1 for model 'noise2img' "
+                                                       "(use count for more images)")
+        total = self.total_items
+        if total > MAX_TOTAL_ITEMS:
+            raise _FieldError("num_prompts", f"num_prompts x images_per_prompt = {total:,} exceeds "
+                                             f"the limit of {MAX_TOTAL_ITEMS:,} items per job")
+        shards = math.ceil(total / self.shard_size)
+        if shards > MAX_SHARDS:
+            raise _FieldError("shard_size", f"{total:,} items in shards of {self.shard_size:,} make "
+                                            f"{shards:,} shards; the limit is {MAX_SHARDS:,}, so "
+                                            "raise shard_size")
+        if self.idempotency_key is not None and self.job_id != derive_job_id(self.idempotency_key):
+            raise _FieldError("job_id", "does not match the idempotency key it must derive from")
+        return self
+
+    # ---- derived values
+
+    @property
+    def total_items(self) -> int:
+        """Number of images the job makes (``count``, or ``num_prompts * images_per_prompt``)."""
+        if self.model == "noise2img":
+            return self.count or 0
+        return (self.num_prompts or 0) * self.images_per_prompt
+
+    @property
+    def job_prefix(self) -> str:
+        """URL under which this job's files live: ``{output}/{job_id}``."""
+        return f"{self.output}/{self.job_id}"
+
+    @property
+    def prompts_prefix(self) -> str:
+        """URL under which the prompt chunks live (``{job_prefix}/prompts``)."""
+        return f"{self.job_prefix}/prompts"
+
+    def shard_plan(self) -> ShardPlan:
+        """The job's shards (see :func:`plan_shards`)."""
+        return plan_shards(self.total_items, self.shard_size)
+
+
+def _short(value: object, limit: int = 60) -> str:
+    """``repr`` cut to ``limit`` characters, so a 1 MB input never lands in a message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} chars)"
+
+
+def _from_pydantic(error: pydantic.ValidationError) -> ValidationError:
+    """One genimg ValidationError naming the first failing field of a pydantic error."""
+    errors = error.errors(include_url=False)
+    first = errors[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, _FieldError):
+        field, message = cause.field, cause.message
+    else:
+        loc = first.get("loc") or ()
+        field = str(loc[0]) if loc else "spec"
+        kind = first.get("type", "")
+        if kind == "missing":
+            message = "is required"
+        elif kind == "extra_forbidden":
+            message = f"is not a JobSpec field (got {_short(first.get('input'))})"
+        elif isinstance(cause, Exception):
+            message = str(cause)
+        else:
+            message = str(first.get("msg", "is invalid"))
+            message = message[:1].lower() + message[1:]
+            if loc:
+                message += f" (got {_short(first.get('input'))})"
+    if len(errors) > 1:
+        message += f" [{len(errors) - 1} more error{'s' if len(errors) > 2 else ''}]"
+    return ValidationError(message, field=field)
+
+
+# --------------------------------------------------------------------------- shard plan
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """Items ``[0, total_items)`` cut into contiguous shards of ``shard_size``.
+
+    Holds two integers; every range is computed on demand (O(1) memory).
+    The last shard may be shorter.
+    """
+
+    total_items: int
+    shard_size: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.total_items // self.shard_size)
+
+    def __len__(self) -> int:
+        return self.num_shards
+
+    def shard_range(self, shard_index: int) -> tuple[int, int]:
+        """Item indices ``[start, stop)`` of one shard.
+
+        Raises:
+            ValidationError: ``field="shard_index"`` if out of range.
+        """
+        if isinstance(shard_index, bool) or not isinstance(shard_index, numbers.Integral) \
+                or not 0 <= shard_index < self.num_shards:
+            raise ValidationError(f"must be an integer in [0, {self.num_shards}) "
+                                  f"(got {_short(shard_index)})", field="shard_index")
+        start = int(shard_index) * self.shard_size
+        return start, min(start + self.shard_size, self.total_items)
+
+    def shard_of_item(self, item_index: int) -> int:
+        """Index of the shard that holds ``item_index``."""
+        _check_index(item_index, "item_index", self.total_items)
+        return int(item_index) // self.shard_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """Yield each shard's ``(start, stop)`` lazily, in order."""
+        for start in range(0, self.total_items, self.shard_size):
+            yield start, min(start + self.shard_size, self.total_items)
+
+
+def plan_shards(total_items: int, shard_size: int) -> ShardPlan:
+    """Plan a job's shards in O(1) time and memory.
+
+    Args:
+        total_items: 1..``MAX_TOTAL_ITEMS``.
+        shard_size: 1..``MAX_SHARD_SIZE``.
+
+    Raises:
+        ValidationError: naming ``total_items`` or ``shard_size``.
+    """
+    _check_int(total_items, "total_items", 1, MAX_TOTAL_ITEMS)
+    _check_int(shard_size, "shard_size", 1, MAX_SHARD_SIZE)
+    return ShardPlan(int(total_items), int(shard_size))
+
+
+def item_to_prompt_index(item_index: int, images_per_prompt: int) -> int:
+    """Index of the prompt that item ``item_index`` renders (prompt-major order)."""
+    _check_int(item_index, "item_index", 0, MAX_SEED)
+    _check_int(images_per_prompt, "images_per_prompt", 1, MAX_IMAGES_PER_PROMPT)
+    return int(item_index) // int(images_per_prompt)
+
+
+def _check_int(value: object, field: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not low <= int(value) <= high:
+        raise ValidationError(f"must be an integer in [{low:,}, {high:,}] (got {_short(value)})",
+                              field=field)
+
+
+def _check_index(value: object, field: str, stop: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= int(value) < stop:
+        raise ValidationError(f"must be an integer in [0, {stop:,}) (got {_short(value)})",
+                              field=field)
