@@ -1,0 +1,130 @@
+"""Keep credentials out of logs (case C7), even with the AWS SDK at DEBUG.
+
+botocore logs whole prepared requests (``Authorization`` header, session
+token), canonical requests and signatures at DEBUG. :data:`REDACTION`, a
+:class:`SecretRedactingFilter`, rewrites such records; :func:`install_secret_redaction`
+attaches it to the SDK's loggers and registers literal secrets.
+:class:`genimg.storage.S3Store` calls it with its credentials; a process's
+logging setup may also add :data:`REDACTION` to its handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+
+
+class SecretRedactingFilter(logging.Filter):
+    """A logging filter that rewrites records so no credential can be printed.
+
+    It removes ``AWS4-HMAC-SHA256 Credential=... Signature=...`` header
+    values, ``Signature=``/``Credential=`` fragments (headers and presigned
+    query strings), the hex signature botocore's signer logs,
+    ``x-amz-security-token`` values, ``Authorization`` values, and every
+    literal secret registered with :meth:`add_secret`. Records are always let
+    through (the filter returns True); only their text changes.
+
+    Attach it to handlers as well (``handler.addFilter(REDACTION)``) to cover
+    loggers created after :func:`install_secret_redaction` ran.
+    """
+
+    _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+        (re.compile(r"AWS4-HMAC-SHA256\s+Credential=[^'\"\r\n]*"), "AWS4-HMAC-SHA256 <redacted>"),
+        (re.compile(r"(?i)(?:X-Amz-)?Signature=[^&\s'\",;]*"), "<redacted-signature>"),
+        (re.compile(r"(?i)(?:X-Amz-)?Credential=[^&\s'\",;]*"), "<redacted-credential>"),
+        (re.compile(r"(?i)(signature:\s*)[0-9a-f]{64}"), r"\1<redacted>"),
+        (
+            re.compile(r"(?i)((?:x-amz-security-token|authorization)['\"]?\s*[:=]\s*b?['\"]?)[^'\"\r\n,;&}]+"),
+            r"\1<redacted>",
+        ),
+        (
+            re.compile(
+                r"(?i)((?:aws_)?(?:secret_access_key|session_token|access_key_id)['\"]?\s*[:=]\s*['\"]?)"
+                r"[^'\"\s,;}]+"
+            ),
+            r"\1<redacted>",
+        ),
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._secrets: frozenset[str] = frozenset()
+        self._lock = threading.Lock()
+
+    def add_secret(self, value: str | None) -> None:
+        """Redact this literal string wherever it appears (values shorter than 4 are ignored)."""
+        if value and len(value) >= 4:
+            with self._lock:
+                self._secrets = self._secrets | {value}
+
+    def redact(self, text: str) -> str:
+        """Return ``text`` with every credential pattern and registered secret replaced."""
+        for pattern, repl in self._PATTERNS:
+            text = pattern.sub(repl, text)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "<redacted>")
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: keep its raw text
+            message = str(record.msg)
+        redacted = self.redact(message)
+        if redacted != message or record.args:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        return True
+
+
+REDACTION = SecretRedactingFilter()
+"""The process-wide redacting filter (see :func:`install_secret_redaction`)."""
+
+_REDACTED_LOGGER_ROOTS = ("botocore", "boto3", "s3transfer", "urllib3")
+_KNOWN_CHATTY_LOGGERS = (
+    "botocore.auth",
+    "botocore.endpoint",
+    "botocore.parsers",
+    "botocore.hooks",
+    "botocore.credentials",
+    "botocore.httpsession",
+    "botocore.retryhandler",
+    "botocore.retries.standard",
+    "botocore.retries.adaptive",
+    "botocore.utils",
+    "botocore.client",
+    "urllib3.connectionpool",
+    "s3transfer.tasks",
+    "s3transfer.upload",
+    "s3transfer.futures",
+)
+
+
+def install_secret_redaction(*secrets: str | None) -> None:
+    """Register ``secrets`` and attach :data:`REDACTION` to the AWS SDK's loggers.
+
+    Idempotent. A logger filter only sees records created on that very logger,
+    so the filter is added to every existing logger under ``botocore``,
+    ``boto3``, ``s3transfer`` and ``urllib3`` plus the ones known to log
+    requests, credentials or signatures.
+
+    Args:
+        secrets: literal values to redact (access key id, secret, session token).
+    """
+    for secret in secrets:
+        REDACTION.add_secret(secret)
+    names = set(_KNOWN_CHATTY_LOGGERS) | set(_REDACTED_LOGGER_ROOTS)
+    names |= {
+        name
+        for name in list(logging.Logger.manager.loggerDict)
+        if name.split(".", 1)[0] in _REDACTED_LOGGER_ROOTS
+    }
+    for name in sorted(names):
+        target = logging.getLogger(name)
+        if REDACTION not in target.filters:
+            target.addFilter(REDACTION)

@@ -1,0 +1,737 @@
+"""The shard protocol: a deterministic WebDataset tar, a Parquet index written last, a manifest.
+
+Output layout under ``s3://{bucket}/{prefix}/{job_id}/`` (see :class:`Layout`)::
+
+    shards/000042.tar          WebDataset tar: 000004200.png + 000004200.json, ...
+    shards/000042.stats.json   items ok/failed, seconds per stage, sizes
+    shards/000042.parquet      the shard index: one row per item, ok or failed
+    manifest.parquet           all committed shard indexes, one row per item
+
+**Keys.** Inside a tar an item's members are ``{item_index:09d}.{ext}`` and
+``{item_index:09d}.json``; WebDataset splits a member name at its first dot,
+so the sample key (``__key__``) is the 9-digit item index, unique within a job
+because item indices are global ``[0, N)``. The ``key`` column of the index
+holds that same string; ``shard_index``/``tar_key`` say which tar holds it.
+
+**Commit protocol.** :func:`commit_shard` uploads the tar, then the stats,
+then the index. The index is the commit marker: a shard is committed iff its
+index exists (:func:`is_committed`), and :func:`build_manifest` reads committed
+indexes only. A crash before the index leaves an uncommitted shard that a
+retry overwrites.
+
+**Determinism.** The same items give a byte-identical tar (members sorted by
+item index, mtime 0, uid/gid 0, empty user/group names, mode 0o644, USTAR) and
+byte-identical index Parquet (fixed zstd level, no timestamps). The per-item
+JSON in the tar carries only content (no timings), so a retried shard's tar is
+identical even though its timings differ; timings live in the index
+(``infer_s``, ``encode_s``) and the stats JSON.
+
+**Failed items** (e.g. reason ``non_finite_output``) are rows with
+``status="failed"`` and a ``reason`` in the index, and have no tar members.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
+from genimg.imaging import EXTENSIONS, FORMATS
+from genimg.storage import ObjectStore, parse_url, sha256_hex
+
+logger = logging.getLogger(__name__)
+
+ITEM_KEY_DIGITS = 9
+"""Digits of an item key: item indices are below 10**9."""
+
+SHARD_DIGITS = 6
+"""Digits of a shard file name: shard indices are below 10**6."""
+
+MAX_ITEM_INDEX = 10**ITEM_KEY_DIGITS - 1
+MAX_SHARD_INDEX = 10**SHARD_DIGITS - 1
+
+STATUS_OK = "ok"
+STATUS_FAILED = "failed"
+
+PARQUET_COMPRESSION = "zstd"
+PARQUET_COMPRESSION_LEVEL = 3
+"""Fixed Parquet codec and level, so index bytes never vary for the same rows."""
+
+INDEX_SCHEMA_VERSION = "1"
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("item_index", pa.int64(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),  # WebDataset __key__: f"{item_index:09d}"
+        pa.field("shard_index", pa.int32(), nullable=False),
+        pa.field("tar_key", pa.string()),  # bucket-relative key of the shard tar; null if failed
+        pa.field("tar_offset", pa.int64()),  # byte offset of the image member's data in the tar
+        pa.field("tar_size", pa.int64()),  # byte size of the image member (= encoded image)
+        pa.field("prompt", pa.string()),  # null for noise-only jobs
+        pa.field("seed", pa.uint64(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("width", pa.int32()),  # pixels
+        pa.field("height", pa.int32()),  # pixels
+        pa.field("format", pa.string()),  # png | webp | jpeg
+        pa.field("sha256", pa.string()),  # hex sha256 of the encoded image bytes
+        pa.field("label", pa.int32()),  # verifier label
+        pa.field("score", pa.float32()),  # verifier score
+        pa.field("status", pa.string(), nullable=False),  # ok | failed
+        pa.field("reason", pa.string()),  # failure reason, e.g. non_finite_output
+        pa.field("infer_s", pa.float64(), nullable=False),  # seconds of inference attributed to the item
+        pa.field("encode_s", pa.float64(), nullable=False),  # seconds encoding the item
+    ],
+    metadata={b"genimg.index_schema": INDEX_SCHEMA_VERSION.encode()},
+)
+"""Schema of a shard index and of the job manifest (one row per item)."""
+
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_INDEX_NAME_RE = re.compile(rf"^(\d{{{SHARD_DIGITS}}})\.parquet$")
+
+
+def item_key(item_index: int) -> str:
+    """The WebDataset key of an item: its index as 9 digits (``42`` → ``"000000042"``)."""
+    return f"{item_index:0{ITEM_KEY_DIGITS}d}"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a job's files live: keys computed from (bucket, prefix, job id).
+
+    Attributes:
+        bucket: S3 bucket.
+        prefix: key prefix without leading/trailing slashes (may be empty).
+        job_id: 1-64 characters of ``[A-Za-z0-9_-]`` (genimg uses 32 hex digits).
+
+    Raises:
+        ValidationError: a bad job id or prefix.
+    """
+
+    bucket: str
+    prefix: str
+    job_id: str
+
+    def __post_init__(self) -> None:
+        if not _JOB_ID_RE.match(self.job_id):
+            raise ValidationError(f"job id must match {_JOB_ID_RE.pattern}, got {self.job_id!r}", field="job_id")
+        parse_url(f"s3://{self.bucket}/{self.prefix}")  # validates bucket and prefix
+        if self.prefix != self.prefix.strip("/"):
+            raise ValidationError(f"prefix must not start or end with '/': {self.prefix!r}", field="prefix")
+
+    @classmethod
+    def from_url(cls, url: str, job_id: str) -> Layout:
+        """``Layout.from_url("s3://bucket/datasets", job_id)``.
+
+        Raises:
+            ValidationError: a bad URL or job id.
+        """
+        bucket, prefix = parse_url(url)
+        return cls(bucket=bucket, prefix=prefix, job_id=job_id)
+
+    @property
+    def job_prefix(self) -> str:
+        """``{prefix}/{job_id}`` (just ``{job_id}`` with an empty prefix)."""
+        return f"{self.prefix}/{self.job_id}" if self.prefix else self.job_id
+
+    @property
+    def shards_prefix(self) -> str:
+        """``{job_prefix}/shards/`` (with the trailing slash)."""
+        return f"{self.job_prefix}/shards/"
+
+    def _shard_base(self, shard_index: int) -> str:
+        if not 0 <= shard_index <= MAX_SHARD_INDEX:
+            raise ValidationError(f"shard index must be in 0..{MAX_SHARD_INDEX}, got {shard_index}")
+        return f"{self.shards_prefix}{shard_index:0{SHARD_DIGITS}d}"
+
+    def tar_key(self, shard_index: int) -> str:
+        """``{job_prefix}/shards/{shard:06d}.tar``."""
+        return f"{self._shard_base(shard_index)}.tar"
+
+    def index_key(self, shard_index: int) -> str:
+        """``{job_prefix}/shards/{shard:06d}.parquet`` — the commit marker."""
+        return f"{self._shard_base(shard_index)}.parquet"
+
+    def stats_key(self, shard_index: int) -> str:
+        """``{job_prefix}/shards/{shard:06d}.stats.json``."""
+        return f"{self._shard_base(shard_index)}.stats.json"
+
+    @property
+    def manifest_key(self) -> str:
+        """``{job_prefix}/manifest.parquet``."""
+        return f"{self.job_prefix}/manifest.parquet"
+
+    def shard_of_index_key(self, key: str) -> int | None:
+        """The shard index if ``key`` is one of this job's shard index keys, else ``None``."""
+        if not key.startswith(self.shards_prefix):
+            return None
+        match = _INDEX_NAME_RE.match(key[len(self.shards_prefix) :])
+        return int(match.group(1)) if match else None
+
+    def url(self, key: str) -> str:
+        """``s3://{bucket}/{key}``."""
+        return f"s3://{self.bucket}/{key}"
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardItem:
+    """One item's outcome, as the worker hands it to the shard writer.
+
+    An ``ok`` item has ``image`` (encoded bytes), ``format``, ``width`` and
+    ``height``; a ``failed`` item has ``reason`` and no image.
+
+    Attributes:
+        item_index: global index in ``[0, 10**9)``.
+        seed: the item's derived seed, ``[0, 2**64)``.
+        model: model (ensemble) name.
+        model_version: model version as served (e.g. Triton's ``"1"``).
+        prompt: text prompt, or ``None`` for noise-only jobs.
+        image: encoded image bytes (``None`` when failed).
+        format: ``png``, ``webp`` or ``jpeg``.
+        width: image width in pixels.
+        height: image height in pixels.
+        label: verifier label, if any.
+        score: verifier score (finite), if any.
+        reason: failure reason (e.g. ``non_finite_output``); ``None`` when ok.
+        infer_s: seconds of inference attributed to this item.
+        encode_s: seconds spent encoding this item.
+
+    Raises:
+        ValidationError: inconsistent or out-of-range fields.
+    """
+
+    item_index: int
+    seed: int
+    model: str
+    model_version: str
+    prompt: str | None = None
+    image: bytes | None = None
+    format: str | None = None
+    width: int | None = None
+    height: int | None = None
+    label: int | None = None
+    score: float | None = None
+    reason: str | None = None
+    infer_s: float = 0.0
+    encode_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.item_index <= MAX_ITEM_INDEX:
+            raise ValidationError(f"item index must be in 0..{MAX_ITEM_INDEX}, got {self.item_index}")
+        if not 0 <= self.seed < 2**64:
+            raise ValidationError(f"seed must be in [0, 2**64), got {self.seed}", field="seed")
+        if self.score is not None and not math.isfinite(self.score):
+            raise ValidationError(f"item {self.item_index}: score must be finite, got {self.score}")
+        if self.infer_s < 0 or self.encode_s < 0:
+            raise ValidationError(f"item {self.item_index}: negative timings")
+        if self.image is None:
+            if not self.reason:
+                raise ValidationError(f"item {self.item_index}: an item without an image needs a reason")
+        else:
+            if self.reason:
+                raise ValidationError(f"item {self.item_index}: an item with an image cannot have a reason")
+            if self.format not in FORMATS:
+                raise ValidationError(f"item {self.item_index}: format must be one of {FORMATS}", field="format")
+            if not (self.width and self.height and self.width > 0 and self.height > 0):
+                raise ValidationError(f"item {self.item_index}: width and height must be positive")
+
+    @property
+    def ok(self) -> bool:
+        """Whether the item has an image."""
+        return self.image is not None
+
+    @property
+    def key(self) -> str:
+        """WebDataset key, ``f"{item_index:09d}"``."""
+        return item_key(self.item_index)
+
+    def metadata(self, job_id: str) -> dict[str, Any]:
+        """The per-item JSON stored in the tar: content only, no timings (deterministic)."""
+        return {
+            "job_id": job_id,
+            "item_index": self.item_index,
+            "key": self.key,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "model": self.model,
+            "model_version": self.model_version,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "sha256": sha256_hex(self.image) if self.image is not None else None,
+            "label": self.label,
+            "score": None if self.score is None else float(np.float32(self.score)),
+        }
+
+
+# --------------------------------------------------------------------------- building a shard
+
+
+@dataclass(frozen=True)
+class ShardPayload:
+    """A built shard: what :func:`commit_shard` uploads.
+
+    Attributes:
+        shard_index: the shard.
+        tar_bytes: the WebDataset tar.
+        index: the shard index rows (:data:`INDEX_SCHEMA`), sorted by item index.
+        index_bytes: ``index`` as Parquet.
+        counts: ``{"items", "items_ok", "items_failed", "image_bytes"}``.
+        failed_by_reason: failed item count per reason.
+        seconds: summed ``infer`` and ``encode`` seconds over items.
+    """
+
+    shard_index: int
+    tar_bytes: bytes
+    index: pa.Table
+    index_bytes: bytes
+    counts: dict[str, int]
+    failed_by_reason: dict[str, int]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+def write_tar(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Write a deterministic USTAR archive in memory.
+
+    Every member has mtime 0, uid/gid 0, empty user/group names and mode
+    0o644; members are written in the order given.
+
+    Args:
+        members: ``(name, data)`` pairs; names of at most 100 ASCII characters.
+
+    Returns:
+        The tar bytes, and for each name the ``(offset, size)`` in bytes of its
+        data inside the tar (for ranged reads).
+
+    Raises:
+        ValidationError: a name that USTAR cannot hold, or a repeated name.
+    """
+    buf = io.BytesIO()
+    spans: dict[str, tuple[int, int]] = {}
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            if name in spans:
+                raise ValidationError(f"duplicate tar member {name!r}")
+            info = _tarinfo(name, len(data))
+            try:
+                header_len = len(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
+            except ValueError as e:
+                raise ValidationError(f"tar member name {name!r}: {e}") from e
+            spans[name] = (tar.offset + header_len, len(data))
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), spans
+
+
+def index_to_parquet(table: pa.Table) -> bytes:
+    """Serialise an index/manifest table to Parquet bytes, deterministically.
+
+    Raises:
+        ValidationError: the table does not match :data:`INDEX_SCHEMA`.
+    """
+    if not table.schema.equals(INDEX_SCHEMA, check_metadata=False):
+        raise ValidationError(f"table does not match INDEX_SCHEMA: {table.schema}")
+    sink = io.BytesIO()
+    pq.write_table(
+        table.replace_schema_metadata(INDEX_SCHEMA.metadata),
+        sink,
+        compression=PARQUET_COMPRESSION,
+        compression_level=PARQUET_COMPRESSION_LEVEL,
+        use_dictionary=True,
+        write_statistics=True,
+        version="2.6",
+        data_page_version="1.0",
+        row_group_size=1 << 20,
+    )
+    return sink.getvalue()
+
+
+def index_from_parquet(data: bytes, *, source: str = "index") -> pa.Table:
+    """Read Parquet bytes written by :func:`index_to_parquet` as an :data:`INDEX_SCHEMA` table.
+
+    Raises:
+        StorageError: not Parquet, or not a genimg index (missing/mistyped columns).
+    """
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+    except (pa.ArrowException, KeyError, ValueError) as e:
+        raise StorageError(f"{source} is not a genimg shard index: {e}") from e
+
+
+class ShardWriter:
+    """Collects a shard's items (in any order) and builds its tar and index.
+
+    Args:
+        layout: the job's layout (gives the job id and the tar key).
+        shard_index: the shard, ``0..999999``.
+    """
+
+    def __init__(self, layout: Layout, shard_index: int) -> None:
+        layout.tar_key(shard_index)  # validates the index
+        self.layout = layout
+        self.shard_index = shard_index
+        self._items: dict[int, ShardItem] = {}
+
+    def add(self, item: ShardItem) -> None:
+        """Add one item.
+
+        Raises:
+            ValidationError: the item index was already added.
+        """
+        if item.item_index in self._items:
+            raise ValidationError(f"item {item.item_index} added twice to shard {self.shard_index}")
+        self._items[item.item_index] = item
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def build(self) -> ShardPayload:
+        """Build the tar (ok items only) and the index (all items), sorted by item index."""
+        items = [self._items[i] for i in sorted(self._items)]
+        job_id = self.layout.job_id
+        tar_key = self.layout.tar_key(self.shard_index)
+
+        members: list[tuple[str, bytes]] = []
+        for item in items:
+            if item.image is None:
+                continue
+            meta = json.dumps(item.metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            members.append((f"{item.key}.{EXTENSIONS[str(item.format)]}", item.image))
+            members.append((f"{item.key}.json", meta.encode("utf-8")))
+        tar_bytes, spans = write_tar(members)
+
+        rows: dict[str, list[Any]] = {name: [] for name in INDEX_SCHEMA.names}
+        for item in items:
+            span = spans.get(f"{item.key}.{EXTENSIONS[str(item.format)]}") if item.ok else None
+            meta = item.metadata(job_id)
+            values = {
+                **{k: meta[k] for k in ("job_id", "item_index", "key", "prompt", "seed", "model", "model_version")},
+                "shard_index": self.shard_index,
+                "tar_key": tar_key if item.ok else None,
+                "tar_offset": span[0] if span else None,
+                "tar_size": span[1] if span else None,
+                **{k: meta[k] for k in ("width", "height", "format", "sha256", "label", "score")},
+                "status": STATUS_OK if item.ok else STATUS_FAILED,
+                "reason": item.reason,
+                "infer_s": float(item.infer_s),
+                "encode_s": float(item.encode_s),
+            }
+            for name in INDEX_SCHEMA.names:
+                rows[name].append(values[name])
+        index = pa.Table.from_pydict(rows, schema=INDEX_SCHEMA)
+        ok = [i for i in items if i.ok]
+        return ShardPayload(
+            shard_index=self.shard_index,
+            tar_bytes=tar_bytes,
+            index=index,
+            index_bytes=index_to_parquet(index),
+            counts={
+                "items": len(items),
+                "items_ok": len(ok),
+                "items_failed": len(items) - len(ok),
+                "image_bytes": sum(len(i.image or b"") for i in ok),
+            },
+            failed_by_reason=dict(sorted(Counter(str(i.reason) for i in items if not i.ok).items())),
+            seconds={
+                "infer": float(sum(i.infer_s for i in items)),
+                "encode": float(sum(i.encode_s for i in items)),
+            },
+        )
+
+
+def build_shard(layout: Layout, shard_index: int, items: Iterable[ShardItem]) -> ShardPayload:
+    """Build a shard's tar and index from its items (any order); see :class:`ShardWriter`.
+
+    Raises:
+        ValidationError: a repeated item index or an invalid shard index.
+    """
+    writer = ShardWriter(layout, shard_index)
+    for item in items:
+        writer.add(item)
+    return writer.build()
+
+
+# --------------------------------------------------------------------------- committing
+
+
+@dataclass(frozen=True)
+class ShardCommit:
+    """The result of :func:`commit_shard`.
+
+    Attributes:
+        shard_index: the shard.
+        tar_key: key of the tar written.
+        index_key: key of the index written (the commit marker).
+        stats: the stats JSON written (as a dict).
+    """
+
+    shard_index: int
+    tar_key: str
+    index_key: str
+    stats: dict[str, Any]
+
+
+def _check_bucket(store: ObjectStore, layout: Layout) -> None:
+    if store.bucket != layout.bucket:
+        raise ValidationError(f"store is for bucket {store.bucket!r}, layout for {layout.bucket!r}")
+
+
+def commit_shard(
+    store: ObjectStore,
+    layout: Layout,
+    shard_index: int,
+    items: Iterable[ShardItem] | ShardPayload,
+    *,
+    stage_seconds: Mapping[str, float] | None = None,
+) -> ShardCommit:
+    """Upload a shard: the tar, then the stats JSON, then the index (the commit marker) last.
+
+    Idempotent: a retry with the same items overwrites the tar and index with
+    identical bytes. If any upload fails the index is not written, so the
+    shard stays uncommitted (:func:`is_committed` is False).
+
+    Args:
+        store: the job's bucket.
+        layout: the job's layout.
+        shard_index: the shard.
+        items: the shard's items (any order), or a payload from :func:`build_shard`.
+        stage_seconds: extra seconds per stage for the stats (e.g. ``{"shard": 12.5}``);
+            ``infer``/``encode`` are summed from the items and ``upload`` measured here
+            unless given.
+
+    Returns:
+        Keys written and the stats.
+
+    Raises:
+        ValidationError: invalid items, or a store for another bucket.
+        StorageUnavailableError: a retryable storage fault (retry the shard).
+        StorageError: any other storage fault.
+    """
+    _check_bucket(store, layout)
+    payload = items if isinstance(items, ShardPayload) else build_shard(layout, shard_index, items)
+    if payload.shard_index != shard_index:
+        raise ValidationError(f"payload is for shard {payload.shard_index}, not {shard_index}")
+    tar_key, index_key = layout.tar_key(shard_index), layout.index_key(shard_index)
+
+    started = time.perf_counter()
+    tar_put = store.put_bytes(tar_key, payload.tar_bytes, "application/x-tar")
+    upload_s = time.perf_counter() - started
+
+    seconds = {**payload.seconds, "upload": upload_s, **dict(stage_seconds or {})}
+    stats: dict[str, Any] = {
+        "job_id": layout.job_id,
+        "shard_index": shard_index,
+        **payload.counts,
+        "failed_by_reason": payload.failed_by_reason,
+        "seconds": {k: round(float(v), 6) for k, v in sorted(seconds.items())},
+        "tar_key": tar_key,
+        "tar_bytes": tar_put.size_bytes,
+        "tar_sha256": tar_put.sha256,
+        "index_key": index_key,
+    }
+    stats_bytes = json.dumps(stats, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    store.put_bytes(layout.stats_key(shard_index), stats_bytes, "application/json")
+    store.put_bytes(index_key, payload.index_bytes, "application/vnd.apache.parquet")
+    logger.info(
+        "committed shard job=%s shard=%d ok=%d failed=%d tar_bytes=%d",
+        layout.job_id,
+        shard_index,
+        payload.counts["items_ok"],
+        payload.counts["items_failed"],
+        tar_put.size_bytes,
+    )
+    return ShardCommit(shard_index=shard_index, tar_key=tar_key, index_key=index_key, stats=stats)
+
+
+def is_committed(store: ObjectStore, layout: Layout, shard_index: int) -> bool:
+    """Whether the shard's index (its commit marker) exists.
+
+    Raises:
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: any other storage fault.
+    """
+    return store.exists(layout.index_key(shard_index))
+
+
+def committed_shards(store: ObjectStore, layout: Layout) -> list[int]:
+    """Indices of the job's committed shards, ascending (one LIST of the shards prefix).
+
+    Raises:
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: any other storage fault.
+    """
+    found = (layout.shard_of_index_key(k) for k in store.list_keys(layout.shards_prefix))
+    return sorted(s for s in found if s is not None)
+
+
+def read_shard_index(store: ObjectStore, layout: Layout, shard_index: int) -> pa.Table:
+    """One committed shard's index as an :data:`INDEX_SCHEMA` table.
+
+    Raises:
+        StorageNotFoundError: the shard is not committed.
+        StorageError: the object is not a genimg index, or another storage fault.
+    """
+    key = layout.index_key(shard_index)
+    return index_from_parquet(store.get_bytes(key), source=layout.url(key))
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def dedupe_index(table: pa.Table) -> pa.Table:
+    """One row per item index, sorted by item index.
+
+    When an item appears more than once (e.g. in two shards after a change of
+    shard plan), an ``ok`` row wins over a ``failed`` one, then the lowest
+    shard index. Deterministic.
+    """
+    if table.num_rows == 0:
+        return table
+    rank = pc.if_else(pc.equal(table["status"], STATUS_OK), 0, 1)
+    ranked = table.append_column("__rank", rank)
+    order = pc.sort_indices(
+        ranked,
+        sort_keys=[("item_index", "ascending"), ("__rank", "ascending"), ("shard_index", "ascending")],
+    )
+    ranked = ranked.take(order)
+    item = ranked["item_index"].to_numpy()
+    keep = np.ones(len(item), dtype=bool)
+    keep[1:] = item[1:] != item[:-1]
+    return ranked.filter(pa.array(keep)).drop_columns(["__rank"])
+
+
+def build_manifest(store: ObjectStore, layout: Layout, *, write: bool = True) -> pa.Table:
+    """Concatenate the committed shard indexes into the job manifest.
+
+    Only shards with an index are read, so half-written shards never appear.
+    The result has one row per item (see :func:`dedupe_index`), sorted by item
+    index, and is written to ``{job_prefix}/manifest.parquet`` (deterministic
+    bytes) unless ``write=False``.
+
+    Returns:
+        The manifest (:data:`INDEX_SCHEMA`).
+
+    Raises:
+        ValidationError: a store for another bucket.
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: an unreadable index, or another storage fault.
+    """
+    _check_bucket(store, layout)
+    shards = committed_shards(store, layout)
+    tables = [read_shard_index(store, layout, s) for s in shards]
+    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    manifest = dedupe_index(table).combine_chunks()
+    if write:
+        store.put_bytes(layout.manifest_key, index_to_parquet(manifest), "application/vnd.apache.parquet")
+    logger.info(
+        "built manifest job=%s shards=%d rows=%d duplicates_dropped=%d",
+        layout.job_id,
+        len(shards),
+        manifest.num_rows,
+        table.num_rows - manifest.num_rows,
+    )
+    return manifest
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of :func:`verify_manifest`.
+
+    Attributes:
+        checked: ok items whose bytes were read and hashed.
+        problems: one line per mismatch or missing object (empty when all good).
+    """
+
+    checked: int
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_manifest(
+    store: ObjectStore,
+    layout: Layout,
+    manifest: pa.Table | None = None,
+    *,
+    ranged: bool = True,
+) -> VerifyReport:
+    """Check every ok item's sha256 against the bytes at its ``tar_offset``/``tar_size``.
+
+    Args:
+        store: the job's bucket.
+        layout: the job's layout.
+        manifest: the rows to check; ``None`` reads ``manifest.parquet``.
+        ranged: one ranged GET per item (what a reader does); ``False``
+            downloads each tar once and slices it (fewer requests).
+
+    Returns:
+        Items checked and the problems found.
+
+    Raises:
+        StorageUnavailableError: a retryable storage fault.
+        StorageNotFoundError: ``manifest`` is None and no manifest exists.
+        StorageError: another storage fault.
+    """
+    _check_bucket(store, layout)
+    if manifest is None:
+        manifest = index_from_parquet(store.get_bytes(layout.manifest_key), source=layout.manifest_key)
+    rows = manifest.filter(pc.equal(manifest["status"], STATUS_OK)).to_pylist()
+    rows.sort(key=lambda r: (r["tar_key"], r["tar_offset"]))
+    problems: list[str] = []
+    current_key, current_tar = None, b""  # ranged=False keeps one tar in memory at a time
+    for row in rows:
+        tar_key, offset, size = row["tar_key"], row["tar_offset"], row["tar_size"]
+        try:
+            if ranged:
+                data = store.get_range(tar_key, offset, size)
+            else:
+                if tar_key != current_key:
+                    current_key, current_tar = tar_key, b""
+                    current_tar = store.get_bytes(tar_key)
+                data = current_tar[offset : offset + size]
+        except StorageUnavailableError:
+            raise
+        except StorageNotFoundError:
+            problems.append(f"item {row['item_index']}: {tar_key} is missing")
+            continue
+        except StorageError as e:
+            problems.append(f"item {row['item_index']}: {e}")
+            continue
+        if sha256_hex(data) != row["sha256"]:
+            problems.append(f"item {row['item_index']}: sha256 mismatch in {tar_key} at {offset}+{size}")
+    return VerifyReport(checked=len(rows), problems=problems)
+
