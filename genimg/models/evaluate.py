@@ -68,7 +68,7 @@ def text_conditioning(weights_dir: Path = WEIGHTS_DIR, seeds: int = 20) -> tuple
     digits = np.repeat(np.arange(10), len(data.EVAL_TEMPLATES))
     cond = torch.from_numpy(embed(prompts)).repeat_interleave(seeds, dim=0)
     target = np.repeat(digits, seeds)
-    label, _ = ver(gen(_noise(len(cond), 1234), cond))
+    label, _ = ver(gen(_noise(len(cond), 1234), cond)[0])
     hit = label.squeeze(1).numpy() == target
     return float(hit.mean()), {str(d): float(hit[target == d].mean()) for d in range(10)}
 
@@ -78,7 +78,7 @@ def unconditional_balance(weights_dir: Path = WEIGHTS_DIR, n: int = 2000) -> tup
     """``uncond_min_class_frac`` and all ten class shares of empty-prompt samples."""
     gen = UncondGeneratorForExport(load_trained("generator", weights_dir))
     ver = VerifierForExport(load_trained("verifier", weights_dir))
-    label, _ = ver(gen(_noise(n, 4321)))
+    label, _ = ver(gen(_noise(n, 4321))[0])
     frac = np.bincount(label.squeeze(1).numpy(), minlength=10) / n
     return float(frac.min()), [round(float(f), 4) for f in frac]
 
@@ -121,8 +121,9 @@ def onnx_agreement(weights_dir: Path = WEIGHTS_DIR, onnx_dir: Path | None = None
     tok = te.make_tokenizer(te.package_model_dir() / "tokenizer.json")
     prompts = ["a handwritten 7", "", "the number seven", "ünïcødé ✓ 数字", "x" * 600]
     cases = {
-        "generator": ({"Z": z, "COND": c}, {"IMAGE": GeneratorForExport(gen)(torch.from_numpy(z), torch.from_numpy(c))}),
-        "generator_uncond": ({"Z": z}, {"IMAGE": UncondGeneratorForExport(gen)(torch.from_numpy(z))}),
+        "generator": ({"Z": z, "COND": c},
+                      dict(zip(("IMAGE", "FINITE"), GeneratorForExport(gen)(torch.from_numpy(z), torch.from_numpy(c))))),
+        "generator_uncond": ({"Z": z}, dict(zip(("IMAGE", "FINITE"), UncondGeneratorForExport(gen)(torch.from_numpy(z))))),
         "upscaler": ({"IMAGE": img_rgb}, {"UPSCALED": UpscalerForExport(up)(torch.from_numpy(img_rgb))}),
         "verifier": ({"IMAGE": img28}, dict(zip(("LABEL", "SCORE"), VerifierForExport(ver)(torch.from_numpy(img28))))),
         "text_encoder": (te.tokenize(tok, prompts), {"EMBEDDING": torch.from_numpy(te.embed(prompts))}),
@@ -145,7 +146,7 @@ def evaluate(weights_dir: Path = WEIGHTS_DIR, onnx_dir: Path | None = None) -> d
     min_frac, fracs = unconditional_balance(weights_dir)
     sr, bic = super_resolution(weights_dir)
     diffs = onnx_agreement(weights_dir, onnx_dir)
-    uint8_outputs = {"IMAGE", "UPSCALED", "LABEL"}
+    uint8_outputs = {"IMAGE", "UPSCALED", "LABEL", "FINITE"}
     flt = [v for d in diffs.values() for k, v in d.items() if k not in uint8_outputs]
     u8 = [v for d in diffs.values() for k, v in d.items() if k in uint8_outputs]
     return {
@@ -173,7 +174,7 @@ def contact_sheet(path: Path, weights_dir: Path = WEIGHTS_DIR, seeds: int = 10) 
     up = UpscalerForExport(load_trained("upscaler", weights_dir))
     prompts = [data.EVAL_TEMPLATES[0].format(n=d, w=data.WORDS[d]) for d in range(10)]
     cond = torch.from_numpy(embed(prompts)).repeat_interleave(seeds, dim=0)
-    small = gen(_noise(len(cond), 99), cond)
+    small, _ = gen(_noise(len(cond), 99), cond)
     big = up(small).numpy()[..., 0]
     cell, label_w = 112, 180
     sheet = Image.new("L", (label_w + seeds * cell, 10 * cell), 0)

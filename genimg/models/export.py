@@ -5,8 +5,8 @@ Files written by :func:`export_all` (the serving contract, see docs/models.md):
 | file | inputs | outputs |
 | --- | --- | --- |
 | ``text_encoder.onnx`` | ``input_ids``, ``attention_mask``, ``token_type_ids`` int64 [B, T] | ``EMBEDDING`` float32 [B, 384] |
-| ``generator.onnx`` | ``Z`` float32 [B, 100], ``COND`` float32 [B, 384] | ``IMAGE`` uint8 [B, 28, 28, 1] |
-| ``generator_uncond.onnx`` | ``Z`` float32 [B, 100] | ``IMAGE`` uint8 [B, 28, 28, 1] |
+| ``generator.onnx`` | ``Z`` float32 [B, 100], ``COND`` float32 [B, 384] | ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1] |
+| ``generator_uncond.onnx`` | ``Z`` float32 [B, 100] | ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1] |
 | ``upscaler.onnx`` | ``IMAGE`` uint8 [B, H, W, C] | ``UPSCALED`` uint8 [B, 4H, 4W, C] |
 | ``verifier.onnx`` | ``IMAGE`` uint8 [B, 28, 28, 1] | ``LABEL`` int32 [B, 1], ``SCORE`` float32 [B, 1] |
 """
@@ -70,10 +70,10 @@ def export_generator(out_dir: Path, weights_dir: Path = WEIGHTS_DIR) -> list[Pat
     z, c = torch.randn(2, Z_DIM), torch.randn(2, COND_DIM)
     batch = {0: "batch"}
     return [
-        _export(GeneratorForExport(gen), (z, c), out_dir / "generator.onnx", ["Z", "COND"], ["IMAGE"],
-                {"Z": batch, "COND": batch, "IMAGE": batch}),
-        _export(UncondGeneratorForExport(gen), (z,), out_dir / "generator_uncond.onnx", ["Z"], ["IMAGE"],
-                {"Z": batch, "IMAGE": batch}),
+        _export(GeneratorForExport(gen), (z, c), out_dir / "generator.onnx", ["Z", "COND"], ["IMAGE", "FINITE"],
+                {"Z": batch, "COND": batch, "IMAGE": batch, "FINITE": batch}),
+        _export(UncondGeneratorForExport(gen), (z,), out_dir / "generator_uncond.onnx", ["Z"], ["IMAGE", "FINITE"],
+                {"Z": batch, "IMAGE": batch, "FINITE": batch}),
     ]
 
 

@@ -144,19 +144,29 @@ class Verifier(nn.Module):
         return self.net(x)
 
 
+def _serve_image(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float [B, 1, H, W] in [-1, 1] → (uint8 [B, H, W, 1], bool [B, 1] all-finite flag).
+
+    The flag is computed on the float output, before the uint8 cast would hide
+    NaN or inf (case C9); the worker drops items whose flag is false.
+    """
+    finite = torch.isfinite(x).flatten(1).all(dim=1, keepdim=True)
+    return to_uint8(x, -1.0, 1.0).permute(0, 2, 3, 1), finite
+
+
 class GeneratorForExport(nn.Module):
-    """Serving form: ``Z`` [B, 100], ``COND`` [B, 384] → ``IMAGE`` uint8 [B, 28, 28, 1]."""
+    """Serving form: ``Z`` [B, 100], ``COND`` [B, 384] → ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1]."""
 
     def __init__(self, gen: Generator) -> None:
         super().__init__()
         self.gen = gen
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return to_uint8(self.gen(z, cond), -1.0, 1.0).permute(0, 2, 3, 1)
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _serve_image(self.gen(z, cond))
 
 
 class UncondGeneratorForExport(nn.Module):
-    """Serving form without a prompt: ``Z`` [B, 100] → ``IMAGE`` uint8 [B, 28, 28, 1].
+    """Serving form without a prompt: ``Z`` [B, 100] → ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1].
 
     The condition is the all-zero "no prompt" embedding used for condition
     dropout in training.
@@ -166,9 +176,9 @@ class UncondGeneratorForExport(nn.Module):
         super().__init__()
         self.gen = gen
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cond = torch.zeros(z.shape[0], COND_DIM, dtype=z.dtype, device=z.device)
-        return to_uint8(self.gen(z, cond), -1.0, 1.0).permute(0, 2, 3, 1)
+        return _serve_image(self.gen(z, cond))
 
 
 class UpscalerForExport(nn.Module):

@@ -1,0 +1,53 @@
+"""``genimg models build-repo``: write the Triton model repository (see :mod:`genimg.triton.repo`).
+
+Mounted on the ``genimg models`` app as ``app.command("build-repo")(build_repo)``.
+
+Examples::
+
+    genimg models build-repo --flavor cpu --out model_repository
+    genimg models build-repo --flavor cpu --out model_repository --instances 2 --onnx-dir .cache/genimg/onnx
+    genimg models build-repo --flavor tensorrt --out gpu_repository --plan-dir .cache/genimg/engines
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from genimg.errors import GenImgError
+
+
+class Flavor(str, Enum):
+    cpu = "cpu"
+    tensorrt = "tensorrt"
+
+
+def build_repo(
+    flavor: Flavor = typer.Option(Flavor.cpu, help="cpu: Python backend + ONNX Runtime; tensorrt: TensorRT plans."),
+    out: Path = typer.Option(Path("model_repository"), envvar="GENIMG_TRITON_REPO",
+                             help="Repository directory."),
+    instances: int = typer.Option(1, min=1, help="Instances of each model (per GPU for tensorrt)."),
+    onnx_dir: Path | None = typer.Option(None, help="ONNX files; default: export the committed weights into "
+                                                    ".cache/genimg/onnx (reused while the weights are unchanged)."),
+    plan_dir: Path | None = typer.Option(None, help="tensorrt: directory of {model}.plan from build-engines."),
+    max_batch_size: int = typer.Option(256, min=64, help="Largest batch per request of every model."),
+    intra_op_threads: int = typer.Option(1, min=1, help="ONNX Runtime threads per Python-backend instance."),
+    queue_delay_us: int = typer.Option(2000, min=0, help="Dynamic batcher max queue delay, microseconds."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT that is not an earlier build."),
+) -> None:
+    """Write a Triton model repository of genimg's models and the txt2img / noise2img ensembles."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from genimg.triton.repo import build_repository
+
+    try:
+        path = build_repository(out, flavor.value, onnx_dir, instances=instances, max_batch_size=max_batch_size,
+                                intra_op_threads=intra_op_threads, queue_delay_us=queue_delay_us, plan_dir=plan_dir,
+                                overwrite=force)
+    except GenImgError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(str(path))
