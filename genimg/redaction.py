@@ -128,3 +128,41 @@ def install_secret_redaction(*secrets: str | None) -> None:
         target = logging.getLogger(name)
         if REDACTION not in target.filters:
             target.addFilter(REDACTION)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (``redis://user:PASSWORD@host``) replaced by ``***``.
+
+    Use it whenever a connection URL goes into a log line, an error message or
+    CLI output. Query-string credentials (``?password=...``) are masked too.
+    A string that is not a URL comes back unchanged.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    out = url
+    if "@" in parts.netloc:
+        userinfo, _, hostport = parts.netloc.rpartition("@")
+        user, sep, _password = userinfo.partition(":")
+        if sep:
+            out = out.replace(parts.netloc, f"{user}:***@{hostport}", 1)
+    if parts.query:
+        query = re.sub(r"(?i)((?:^|&)(?:password|passwd|pass|token)=)[^&]*", r"\1***", parts.query)
+        out = out.replace(f"?{parts.query}", f"?{query}", 1)
+    return out
+
+
+def register_url_secret(url: str) -> None:
+    """Register the password of a connection URL with :data:`REDACTION` (no-op without one)."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return
+    if password:
+        REDACTION.add_secret(password)
+        REDACTION.add_secret(unquote(password))

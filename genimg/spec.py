@@ -315,7 +315,7 @@ class JobSpec(BaseModel):
     validation context, so there is none.)
 
     Prompts are not part of the spec: the producer streams them into chunks of
-    ``prompt_chunk_size`` under :attr:`prompts_prefix` (see
+    ``prompt_chunk_size`` under :attr:`prompts_url` (see
     :mod:`genimg.inputs`) and records only ``num_prompts``.
 
     Attributes:
@@ -518,7 +518,7 @@ class JobSpec(BaseModel):
         return f"{self.output}/{self.job_id}"
 
     @property
-    def prompts_prefix(self) -> str:
+    def prompts_url(self) -> str:
         """URL under which the prompt chunks live (``{job_prefix}/prompts``)."""
         return f"{self.job_prefix}/prompts"
 

@@ -5,6 +5,8 @@ Example::
     genimg models train verifier --seed 0
     genimg models build-repo --flavor cpu --out model_repository
     genimg triton serve --repo model_repository
+    genimg submit --prompts prompts.txt --output s3://bucket/run-7 --wait
+    genimg status JOB_ID --json
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ app = typer.Typer(
 
 def _mount() -> None:
     from genimg.models.cli import app as models_app
+    from producer.commands import register
     from workers.cli import worker
 
+    register(app)  # submit, status, wait, cancel, resume, manifest, ls
     app.add_typer(models_app, name="models")
     app.command("worker")(worker)
     try:
@@ -39,7 +43,12 @@ def _mount() -> None:
 @app.callback()
 def _root(log_level: str = typer.Option(os.environ.get("GENIMG_LOG_LEVEL", "INFO"), "--log-level",
                                         help="Logging level [env GENIMG_LOG_LEVEL]")) -> None:
+    from genimg.redaction import REDACTION
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:  # no credential in any log line (case C7)
+        if REDACTION not in handler.filters:
+            handler.addFilter(REDACTION)
 
 
 _mount()

@@ -105,7 +105,7 @@ def test_s3_output_is_normalised_without_trailing_slash() -> None:
     assert make(output="s3://genimg-test/run-7/").output == "s3://genimg-test/run-7"
     assert make(output="s3://genimg-test").job_prefix.startswith("s3://genimg-test/")
     spec = make(output="s3://genimg-test/a/date=2026-01-01")
-    assert spec.prompts_prefix == f"s3://genimg-test/a/date=2026-01-01/{spec.job_id}/prompts"
+    assert spec.prompts_url == f"s3://genimg-test/a/date=2026-01-01/{spec.job_id}/prompts"
 
 
 def test_file_output_inside_allowed_root_is_accepted_as_resolved_path(settings: SpecSettings) -> None:

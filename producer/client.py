@@ -1,0 +1,459 @@
+"""The Python client: submit dataset jobs and get :class:`~producer.job.Job` handles back.
+
+::
+
+    from producer import Client
+    client = Client()                                   # GENIMG_* environment
+    job = client.submit(prompts=["a handwritten 7", "a zero"], images_per_prompt=4,
+                        output="s3://bucket/run-7", seed=1234)
+    job = client.submit(count=100_000, output="s3://bucket/noise", seed=7)
+    job.wait(progress=True)
+    job.status(); job.cancel(); job.resume(); table = job.manifest()
+
+Submission order (nothing is stored or enqueued for an invalid job):
+
+1. every field is validated (``JobSpec.create``; prompts with a provisional
+   count), the prompt source is opened, the output bucket is checked;
+2. an idempotency key, if given, is claimed (``SET {p}:idem:{key} NX``); a key
+   already claimed returns the existing job and enqueues nothing;
+3. prompts are streamed into chunks in storage while they are counted and
+   validated; any invalid prompt raises a ``ValidationError`` naming its line,
+   after the chunks already written are deleted;
+4. ``job.json`` is written, then the spec is stored in Redis;
+5. one JSON task message per shard is enqueued (Celery task
+   ``genimg.generate_shard``, args ``[job_id, shard_index]``), in pipelined
+   batches over one broker connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pydantic
+import redis
+
+from genimg import jobs
+from genimg.errors import (
+    ConfigError,
+    GenImgError,
+    QueueUnavailableError,
+    StorageNotFoundError,
+    ValidationError,
+)
+from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prompt_chunk_key
+from genimg.jobs import SPEC_OBJECT
+from genimg.queue import Keys, celery_priority
+from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
+from genimg.settings import SpecSettings, StorageSettings
+from genimg.shards import Layout
+from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, validate_output_url
+from genimg.stores import ManagedStore, open_store
+from producer.job import Job, JobNotFoundError
+from workers.config import WorkerSettings, celery_config
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "genimg.generate_shard"
+"""Celery task name of one shard (positional JSON args ``[job_id, shard_index]``)."""
+ENQUEUE_BATCH = 1_000
+"""Task messages per Redis pipeline when enqueueing."""
+UPLOAD_THREADS = 8
+"""Prompt chunks uploaded in parallel."""
+MAX_UPLOADS_IN_FLIGHT = 16
+"""Prompt chunks encoded but not yet stored (bounds the producer's memory)."""
+IDEMPOTENCY_CLAIM_TTL_S = 3_600
+"""Seconds an idempotency key stays claimed by a submit that has not finished (a crashed one)."""
+
+T = TypeVar("T")
+
+
+class Client:
+    """Submits jobs and opens handles on them.
+
+    Every argument falls back to the ``GENIMG_*`` environment (``GENIMG_REDIS_URL``,
+    ``GENIMG_QUEUE``, ``GENIMG_KEY_PREFIX``, ``GENIMG_S3_*``,
+    ``GENIMG_LOCAL_OUTPUT_ROOT``); the producer and the workers must agree on
+    the Redis URL, queue and key prefix.
+
+    Args:
+        redis_url: broker URL (``redis://`` or ``rediss://``); a password in it is never logged.
+        queue: Celery queue the shards go to.
+        key_prefix: prefix of genimg's Redis keys.
+        storage: S3 settings.
+        spec_settings: where ``file://`` outputs may go.
+
+    Raises:
+        ConfigError: an invalid setting.
+    """
+
+    def __init__(self, redis_url: str | None = None, *, queue: str | None = None,
+                 key_prefix: str | None = None, storage: StorageSettings | None = None,
+                 spec_settings: SpecSettings | None = None) -> None:
+        overrides: dict[str, Any] = {k: v for k, v in {"redis_url": redis_url, "queue": queue,
+                                                        "key_prefix": key_prefix}.items() if v is not None}
+        try:
+            self.settings = WorkerSettings(**overrides)
+            self.storage_settings = storage or StorageSettings.from_env()
+            self.spec_settings = spec_settings or SpecSettings.from_env()
+        except pydantic.ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+            raise ConfigError(f"invalid setting {where}: {first.get('msg')}") from None
+        url = self.settings.redis_url.get_secret_value()
+        register_url_secret(url)
+        install_secret_redaction()
+        self.keys = Keys(self.settings.key_prefix)
+        self._redis: redis.Redis | None = None
+        self._celery: Any = None
+        self._stores: dict[str, tuple[ManagedStore, str]] = {}
+
+    def __repr__(self) -> str:
+        return (f"Client(redis_url={redact_url(self.settings.redis_url.get_secret_value())!r}, "
+                f"queue={self.settings.queue!r}, key_prefix={self.settings.key_prefix!r})")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release Redis, broker and storage connections."""
+        if self._celery is not None:
+            self._celery.close()
+            self._celery = None
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+        for store, _ in self._stores.values():
+            store.close()
+        self._stores.clear()
+
+    # ---- connections
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The Redis client (bytes responses), connected lazily."""
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(self.settings.redis_url.get_secret_value(),
+                                               socket_timeout=30, socket_connect_timeout=10,
+                                               health_check_interval=30)
+        return self._redis
+
+    def redis_call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a redis-py function, translating its errors to :class:`QueueUnavailableError`."""
+        try:
+            return fn(*args, **kwargs)
+        except redis.RedisError as e:
+            raise QueueUnavailableError(
+                f"Redis at {redact_url(self.settings.redis_url.get_secret_value())} unavailable "
+                f"during {what}: {type(e).__name__}") from e
+
+    def _app(self) -> Any:
+        if self._celery is None:
+            from celery import Celery
+
+            config = celery_config(self.settings)
+            # kombu pipelines batched publishes only when redis-py will not retry a
+            # pipeline on its own; the producer needs no such retry (resume re-sends).
+            config["broker_transport_options"] = {**config["broker_transport_options"],
+                                                  "retry_on_timeout": False}
+            app = Celery("genimg-producer", set_as_current=False)
+            app.conf.update(config)
+            self._celery = app
+        return self._celery
+
+    def _open(self, output: str) -> tuple[ManagedStore, str]:
+        if output not in self._stores:
+            self._stores[output] = open_store(output, self.storage_settings)
+        return self._stores[output]
+
+    def job_store(self, spec: JobSpec) -> tuple[ManagedStore, Layout]:
+        """The store holding ``spec``'s output and the job's layout in it (stores are reused)."""
+        store, prefix = self._open(spec.output)
+        return store, Layout(bucket=store.bucket, prefix=prefix, job_id=spec.job_id)
+
+    # ---- jobs
+
+    def load_spec(self, job_id: str, *, output: str | None = None) -> JobSpec:
+        """A job's spec from Redis, else from ``{output}/{job_id}/job.json``.
+
+        Raises:
+            ValidationError: ``field="job_id"`` for a malformed id; or the stored spec is invalid.
+            JobNotFoundError: neither Redis nor storage (when ``output`` is given) knows the job.
+        """
+        _check_job_id(job_id)
+        raw = self.redis_call("read spec", self.redis.get, self.keys.job(job_id, "spec"))
+        if raw is None:
+            if output is None:
+                raise JobNotFoundError(f"job {job_id} is unknown to Redis; pass its output URL "
+                                       "to read job.json from storage")
+            url = validate_output_url(output, local_output_root=self.spec_settings.local_output_root)
+            store, prefix = self._open(url)
+            layout = Layout(bucket=store.bucket, prefix=prefix, job_id=job_id)
+            try:
+                raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
+            except StorageNotFoundError as e:
+                raise JobNotFoundError(f"job {job_id} is unknown to Redis and has no job.json "
+                                       f"under {url}") from e
+        spec = JobSpec.from_json(raw, settings=self.spec_settings)
+        if spec.job_id != job_id:
+            raise ValidationError(f"stored spec names job {spec.job_id}, not {job_id}", field="job_id")
+        return spec
+
+    def job(self, job_id: str, *, output: str | None = None) -> Job:
+        """A handle on an existing job (``output`` finds it in storage after a Redis loss).
+
+        Raises:
+            ValidationError: a malformed job id.
+            JobNotFoundError: the job is unknown.
+        """
+        return Job(self, job_id, spec=self.load_spec(job_id, output=output))
+
+    def jobs(self, limit: int = 20) -> list[Job]:
+        """The most recently submitted jobs, newest first (those Redis still knows)."""
+        ids = self.redis_call("list jobs", self.redis.zrevrange, self.keys.jobs, 0, max(0, limit - 1))
+        out = []
+        for raw in ids:
+            job_id = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            try:
+                out.append(self.job(job_id))
+            except (JobNotFoundError, ValidationError) as e:
+                log.warning("skipping job %s: %s", job_id, e)
+        return out
+
+    def submit(
+        self,
+        prompts: str | os.PathLike[str] | Iterable[str] | None = None,
+        *,
+        count: int | None = None,
+        model: str | None = None,
+        images_per_prompt: int | None = None,
+        output: str | None = None,
+        seed: int | None = None,
+        image_format: str | None = None,
+        quality: int | None = None,
+        shard_size: int | None = None,
+        sub_batch_size: int | None = None,
+        upscale: bool | None = None,
+        priority: int | str | None = None,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        prompt_column: str | None = None,
+        prompt_format: str | None = None,
+        prompt_chunk_size: int | None = None,
+    ) -> Job:
+        """Validate, store and enqueue a job (see the module docstring for the order).
+
+        Give ``prompts`` (txt2img: a list or iterable of str, or a path to a
+        .txt/.jsonl/.csv/.parquet file, read streaming) or ``count``
+        (noise2img). Unset arguments take :class:`~genimg.spec.JobSpec`'s
+        defaults; ``output`` falls back to ``GENIMG_OUTPUT``.
+
+        Args:
+            prompts: the prompts, or a file of them (a plain ``str`` is a path).
+            count: number of noise samples (noise2img).
+            model: ``txt2img`` or ``noise2img`` (default from which of the two is given).
+            images_per_prompt: images per prompt (txt2img), 1..64.
+            output: ``s3://bucket/prefix`` or ``file:///dir`` under ``GENIMG_LOCAL_OUTPUT_ROOT``.
+            seed: job seed, 0..2**63-1.
+            image_format: ``png``, ``webp`` or ``jpeg``.
+            quality: 1..100 for lossy formats.
+            shard_size: items per shard, 1..10,000.
+            sub_batch_size: items per Triton request, 1..256.
+            upscale: pass images through the 4x upscaler.
+            priority: 0..9 or ``low``/``normal``/``high``; higher runs sooner.
+            name: optional label.
+            idempotency_key: submitting the same key again returns the same job.
+            prompt_column: field/column of JSONL, CSV or Parquet prompts (default ``prompt``).
+            prompt_format: ``text``, ``jsonl``, ``csv`` or ``parquet`` (default from the suffix).
+            prompt_chunk_size: prompts per stored chunk (default 1,000).
+
+        Returns:
+            The job's handle. With an idempotency key already claimed, the
+            existing job's handle (nothing is stored or enqueued); if that
+            earlier submit is still storing prompts, its spec becomes readable
+            once it has finished.
+
+        Raises:
+            ValidationError: an invalid field or prompt (``.field`` names it); nothing was stored.
+            QueueUnavailableError: Redis is unreachable.
+            StorageError: storage is unreachable or refused.
+        """
+        if model is None:
+            model = "noise2img" if count is not None and prompts is None else "txt2img"
+        if prompts is not None and count is not None:
+            raise ValidationError("give prompts (txt2img) or count (noise2img), not both", field="prompts")
+        if model == "txt2img" and prompts is None and count is None:
+            raise ValidationError("give prompts (txt2img) or count (noise2img)", field="prompts")
+        if model == "noise2img" and prompts is not None:
+            raise ValidationError("model 'noise2img' takes count, not prompts", field="prompts")
+        fields: dict[str, Any] = {
+            "model": model, "images_per_prompt": images_per_prompt,
+            "output": output if output is not None else os.environ.get("GENIMG_OUTPUT"),
+            "seed": seed, "image_format": image_format, "quality": quality, "shard_size": shard_size,
+            "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
+            "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        txt = model == "txt2img" and prompts is not None
+        size = {"num_prompts": 1} if txt else {"count": count}
+        spec = JobSpec.create(settings=self.spec_settings, **fields, **size)
+        fields.update(job_id=spec.job_id, created_at=spec.created_at)
+        stream = _open_prompts(prompts, prompt_column, prompt_format) if txt else None
+
+        store, layout = self.job_store(spec)
+        try:
+            existing = store.list_keys(f"{layout.job_prefix}/")
+        except StorageNotFoundError as e:
+            raise ValidationError(f"bucket {store.bucket!r} does not exist (got {spec.output!r})",
+                                  field="output") from e
+
+        idem = self.keys.idem(idempotency_key) if idempotency_key is not None else None
+        if idem is not None:
+            claimed = self.redis_call("claim idempotency key", self.redis.set, idem, spec.job_id.encode(),
+                                      nx=True, ex=IDEMPOTENCY_CLAIM_TTL_S)
+            if not claimed:
+                log.info("idempotency key already used by job %s; nothing enqueued", spec.job_id)
+                return Job(self, spec.job_id, output=spec.output)
+            if f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
+                return self._adopt_stored_job(spec, store, layout, idem)
+
+        try:
+            if stream is not None:
+                n = self._store_prompts(stream, spec, store, layout, fields)
+                spec = JobSpec.create(settings=self.spec_settings, **fields, num_prompts=n)
+            store.put_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", spec.to_json().encode(), "application/json")
+            jobs.store_spec(self.redis, self.keys, spec)
+        except BaseException:
+            self._discard(store, layout, idem)
+            raise
+        if idem is not None:
+            self.redis_call("keep idempotency key", self.redis.persist, idem)
+        log.info("stored job %s: %s, %d items in %d shards under %s", spec.job_id, spec.model,
+                 spec.total_items, spec.shard_plan().num_shards, spec.job_prefix)
+        self.enqueue_shards(spec, range(spec.shard_plan().num_shards))
+        return Job(self, spec.job_id, spec=spec)
+
+    def _adopt_stored_job(self, spec: JobSpec, store: ManagedStore, layout: Layout, idem: str) -> Job:
+        """Same idempotency key, Redis lost, job.json in storage: re-register the stored job."""
+        stored = JobSpec.from_json(store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}"),
+                                   settings=self.spec_settings)
+        jobs.store_spec(self.redis, self.keys, stored)
+        self.redis_call("keep idempotency key", self.redis.persist, idem)
+        log.info("job %s is already stored under %s; nothing enqueued (use resume to finish it)",
+                 spec.job_id, spec.output)
+        return Job(self, stored.job_id, spec=stored)
+
+    def _store_prompts(self, stream: Iterable[str], spec: JobSpec, store: ManagedStore, layout: Layout,
+                       fields: dict[str, Any]) -> int:
+        """Upload prompt chunks while counting them; returns the number of prompts."""
+        assert spec.prompt_chunk_size is not None
+        ipp, chunk_size = spec.images_per_prompt, spec.prompt_chunk_size
+        most = min(MAX_TOTAL_ITEMS, MAX_SHARDS * spec.shard_size) // ipp
+        n = 0
+        pending: deque[Future[Any]] = deque()
+        with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="genimg-upload") as pool:
+            try:
+                for c, chunk in enumerate(chunk_prompts(stream, chunk_size)):
+                    n += len(chunk)
+                    if n > most:  # JobSpec says which limit, naming the field
+                        JobSpec.create(settings=self.spec_settings, **fields, num_prompts=n)
+                    key = f"{layout.job_prefix}/{prompt_chunk_key(c)}"
+                    pending.append(pool.submit(store.put_bytes, key, encode_prompt_chunk(chunk),
+                                               "application/json"))
+                    while len(pending) >= MAX_UPLOADS_IN_FLIGHT or (pending and pending[0].done()):
+                        pending.popleft().result()
+                while pending:
+                    pending.popleft().result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        return n
+
+    def _discard(self, store: ManagedStore, layout: Layout, idem: str | None) -> None:
+        """Undo a failed submit: delete what was stored and release the idempotency key."""
+        try:
+            deleted = store.delete_prefix(f"{layout.job_prefix}/")
+            if deleted:
+                log.info("submit failed: deleted %d stored objects of job %s", deleted, layout.job_id)
+        except GenImgError as e:
+            log.error("submit failed and its stored objects under %s could not be deleted: %s",
+                      layout.job_prefix, e)
+        try:
+            pipe = self.redis.pipeline()
+            pipe.delete(self.keys.job(layout.job_id, "spec"))
+            pipe.zrem(self.keys.jobs, layout.job_id)
+            if idem is not None:
+                pipe.delete(idem)
+            pipe.execute()
+        except redis.RedisError as e:
+            log.error("submit failed and Redis could not be cleaned for job %s: %s", layout.job_id,
+                      type(e).__name__)
+
+    def enqueue_shards(self, spec: JobSpec, shards: Iterable[int]) -> int:
+        """Send one task message per shard (queue ``GENIMG_QUEUE``, the job's priority).
+
+        Messages go out through one broker connection in pipelined batches of
+        :data:`ENQUEUE_BATCH`; the queue's binding is declared with the first.
+
+        Returns:
+            The number of messages sent.
+
+        Raises:
+            QueueUnavailableError: the broker is unreachable (some messages may
+                have been sent; :meth:`Job.resume` sends the rest).
+        """
+        from kombu.exceptions import KombuError, OperationalError
+
+        app = self._app()
+        queue = self.settings.queue
+        priority = celery_priority(spec.priority)
+        sent = 0
+        try:
+            with app.producer_or_acquire() as producer:
+                batch = producer.batch(ENQUEUE_BATCH) if hasattr(producer, "batch") else nullcontext()
+                with batch:
+                    for shard in shards:
+                        app.send_task(TASK_NAME, args=[spec.job_id, int(shard)], queue=queue,
+                                      priority=priority, producer=producer, ignore_result=True,
+                                      declare=None if sent == 0 else [])
+                        sent += 1
+        except (OperationalError, KombuError, redis.RedisError, OSError) as e:
+            raise QueueUnavailableError(
+                f"enqueueing job {spec.job_id} failed after {sent} messages "
+                f"({type(e).__name__}); run resume to send the rest") from e
+        log.info("enqueued job %s: %d shard messages on queue %s (priority %d)", spec.job_id, sent,
+                 queue, spec.priority)
+        return sent
+
+
+def _open_prompts(prompts: Any, column: str | None, fmt: str | None) -> Iterable[str]:
+    """Open the prompt source now, so a bad format, column or path fails before anything is stored."""
+    try:
+        if isinstance(prompts, (str, os.PathLike)):
+            path = Path(prompts)
+            if path.is_dir():
+                raise ValidationError(f"is a directory, not a file: {str(path)!r}", field="prompts")
+            return iter_prompts(path, column=column, fmt=fmt)
+        if fmt is not None:
+            raise ValidationError("applies to prompt files only, not to a list", field="prompt_format")
+        return iter_prompts(prompts, column=column)
+    except ValidationError as e:
+        if e.field == "fmt":
+            raise ValidationError(str(e).removeprefix("fmt: "), field="prompt_format") from None
+        raise
+
+
+def _check_job_id(job_id: object) -> None:
+    if not isinstance(job_id, str) or len(job_id) != 32 or any(ch not in "0123456789abcdef" for ch in job_id):
+        shown = repr(job_id)[:40]
+        raise ValidationError(f"must be 32 lowercase hex digits (got {shown})", field="job_id")

@@ -1,0 +1,328 @@
+"""The producer's ``genimg`` sub-commands: submit, status, wait, cancel, resume, manifest, ls.
+
+Exit codes (every command):
+
+- 0: done (for ``wait`` and ``submit --wait``: the job succeeded);
+- 1: the job failed or was cancelled;
+- 2: invalid input (a bad option, prompt, file, output URL or job id); the
+  message on stderr names the field; nothing was stored or enqueued;
+- 3: Redis or storage unavailable, or another operational error;
+- 124: ``--timeout-s`` passed while waiting (the job goes on).
+
+Options fall back to ``GENIMG_*`` environment variables (shown in ``--help``);
+``--json`` prints one JSON document on stdout for scripts, logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+
+from genimg.errors import ConfigError, GenImgError, ValidationError
+from genimg.redaction import REDACTION
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1
+EXIT_INVALID = 2
+EXIT_UNAVAILABLE = 3
+EXIT_TIMEOUT = 124
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# ---- shared options (typer.Option defaults are None: Client and JobSpec fill in the rest)
+
+RedisUrl = Annotated[Optional[str], typer.Option(
+    "--redis-url", envvar="GENIMG_REDIS_URL", show_default=False,
+    help="Broker URL, redis:// or rediss:// (default redis://127.0.0.1:6379/0); passwords are never printed.")]
+Queue = Annotated[Optional[str], typer.Option("--queue", envvar="GENIMG_QUEUE", help="Celery queue (default: genimg).")]
+KeyPrefix = Annotated[Optional[str], typer.Option("--key-prefix", envvar="GENIMG_KEY_PREFIX",
+                                                  help="Prefix of genimg's Redis keys (default: genimg).")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+JobId = Annotated[str, typer.Argument(help="Job id (32 hex digits), as printed by submit.", show_default=False)]
+OutputHint = Annotated[Optional[str], typer.Option(
+    "--output", envvar="GENIMG_OUTPUT",
+    help="The job's output URL: finds job.json in storage when Redis no longer knows the job.")]
+TimeoutS = Annotated[Optional[float], typer.Option("--timeout-s", help="Stop waiting after this many seconds (exit 124).")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+
+
+def _err(message: str) -> None:
+    typer.echo(REDACTION.redact(message), err=True)
+
+
+@contextmanager
+def _exit_codes() -> Iterator[None]:
+    """Turn genimg's errors into the documented exit codes and one stderr line."""
+    from producer.job import JobNotFoundError, WaitTimeoutError
+
+    try:
+        yield
+    except ValidationError as e:
+        _err(f"genimg: invalid {e.field or 'input'}: {str(e).removeprefix(f'{e.field}: ')}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except (JobNotFoundError, ConfigError) as e:
+        _err(f"genimg: {e}")
+        raise typer.Exit(EXIT_INVALID) from None
+    except WaitTimeoutError as e:
+        _err(f"genimg: {e}")
+        raise typer.Exit(EXIT_TIMEOUT) from None
+    except GenImgError as e:
+        _err(f"genimg: {type(e).__name__}: {e}")
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+
+
+def _guarded(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _exit_codes():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _client(redis_url: str | None, queue: str | None, key_prefix: str | None) -> Any:
+    from producer.client import Client
+
+    return Client(redis_url, queue=queue, key_prefix=key_prefix)
+
+
+def _print_json(doc: Any) -> None:
+    typer.echo(json.dumps(doc, indent=None, sort_keys=True, default=str))
+
+
+def _status_line(st: Any) -> str:
+    label = f" ({st.name})" if st.name else ""
+    return (f"{st.job_id}{label}  {st.state:<9}  images {st.items_done:,}/{st.items_total:,}"
+            f"  failed items {st.items_failed:,}  shards done {st.shards_done}/{st.num_shards}"
+            f" (running {st.shards_running}, failed {st.shards_failed})  {st.output}")
+
+
+def _final_exit(st: Any) -> int:
+    return EXIT_OK if st.state == "succeeded" else EXIT_JOB_FAILED
+
+
+# ---- commands
+
+
+def submit(
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="Prompt file: .txt (one a line), .jsonl, .csv or .parquet; streamed.",
+        show_default=False)] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="A prompt (repeat for more).", show_default=False)] = None,
+    count: Annotated[Optional[int], typer.Option("--count", help="Number of noise samples (noise2img).",
+                                                 show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", envvar="GENIMG_MODEL", help="txt2img or noise2img (default: from --prompts/--count).")] = None,
+    images_per_prompt: Annotated[Optional[int], typer.Option(
+        "--images-per-prompt", help="Images per prompt, 1-64 (default: 1).")] = None,
+    output: Annotated[Optional[str], typer.Option(
+        "--output", envvar="GENIMG_OUTPUT", help="s3://bucket/prefix, or file:///dir under GENIMG_LOCAL_OUTPUT_ROOT.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Job seed, 0..2**63-1 (default: 0).")] = None,
+    image_format: Annotated[Optional[str], typer.Option(
+        "--image-format", envvar="GENIMG_IMAGE_FORMAT", help="png, webp or jpeg (default: png).")] = None,
+    quality: Annotated[Optional[int], typer.Option("--quality", help="1-100 for webp/jpeg (default: 95).")] = None,
+    shard_size: Annotated[Optional[int], typer.Option(
+        "--shard-size", envvar="GENIMG_SHARD_SIZE", help="Images per shard, 1-10000 (default: 1000).")] = None,
+    sub_batch_size: Annotated[Optional[int], typer.Option(
+        "--sub-batch-size", help="Images per Triton request, 1-256 (default: 64).")] = None,
+    upscale: Annotated[Optional[bool], typer.Option(
+        "--upscale/--no-upscale", help="Upscale 4x (default: upscale).", show_default=False)] = None,
+    priority: Annotated[Optional[str], typer.Option(
+        "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="A label for the job.")] = None,
+    idempotency_key: Annotated[Optional[str], typer.Option(
+        "--idempotency-key", help="Submitting the same key again returns the same job.")] = None,
+    prompt_column: Annotated[Optional[str], typer.Option(
+        "--prompt-column", help="Field/column of .jsonl/.csv/.parquet prompts (default: prompt).")] = None,
+    prompt_format: Annotated[Optional[str], typer.Option(
+        "--prompt-format", help="text, jsonl, csv or parquet (default: from the file suffix).")] = None,
+    prompt_chunk_size: Annotated[Optional[int], typer.Option(
+        "--prompt-chunk-size", help="Prompts per stored chunk (default: 1000).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
+    timeout_s: TimeoutS = None,
+    no_progress: NoProgress = False,
+    as_json: JsonOut = False,
+    redis_url: RedisUrl = None,
+    queue: Queue = None,
+    key_prefix: KeyPrefix = None,
+) -> None:
+    """Submit a dataset job: validate it, store its prompts and spec, enqueue one task per shard.
+
+    Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
+    """
+    with _exit_codes():
+        if prompts_file is not None and prompt:
+            raise ValidationError("give --prompts FILE or --prompt TEXT, not both", field="prompts")
+        prompts: Any = prompts_file if prompts_file is not None else (list(prompt) if prompt else None)
+        int_priority: int | str | None = priority
+        if priority is not None and priority.strip().lstrip("-").isdigit():
+            int_priority = int(priority)
+        with _client(redis_url, queue, key_prefix) as client:
+            job = client.submit(
+                prompts, count=count, model=model, images_per_prompt=images_per_prompt, output=output,
+                seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
+                sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
+                idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
+                prompt_chunk_size=prompt_chunk_size,
+            )
+            spec = job.spec
+            doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,
+                                   "num_shards": spec.shard_plan().num_shards, "output": spec.output,
+                                   "job_prefix": spec.job_prefix}
+            if not wait:
+                if as_json:
+                    _print_json(doc)
+                else:
+                    typer.echo(job.job_id)
+                    _err(f"submitted {spec.total_items:,} images in {doc['num_shards']:,} shards to "
+                         f"{spec.job_prefix}")
+                return
+            st = job.wait(progress=not no_progress and not as_json, timeout_s=timeout_s)
+            if as_json:
+                _print_json({**doc, "status": st.to_dict()})
+            else:
+                typer.echo(job.job_id)
+                _err(_status_line(st))
+    raise typer.Exit(_final_exit(st))
+
+
+@_guarded
+def status(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
+           queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
+    """Show a job's state and counts (shards queued/running/done/failed, images done/failed).
+
+    Example: genimg status 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --json
+    """
+    with _client(redis_url, queue, key_prefix) as client:
+        st = client.job(job_id, output=output).status()
+        if as_json:
+            _print_json(st.to_dict())
+        else:
+            typer.echo(_status_line(st))
+
+
+def wait(job_id: JobId, output: OutputHint = None, timeout_s: TimeoutS = None, no_progress: NoProgress = False,
+         as_json: JsonOut = False, redis_url: RedisUrl = None, queue: Queue = None,
+         key_prefix: KeyPrefix = None) -> None:
+    """Wait for a job to finish, with a progress bar; exit 0 if it succeeded, 1 if not.
+
+    Example: genimg wait 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --timeout-s 3600
+    """
+    with _exit_codes():
+        with _client(redis_url, queue, key_prefix) as client:
+            st = client.job(job_id, output=output).wait(progress=not no_progress and not as_json,
+                                                        timeout_s=timeout_s)
+        if as_json:
+            _print_json(st.to_dict())
+        else:
+            typer.echo(_status_line(st))
+    raise typer.Exit(_final_exit(st))
+
+
+@_guarded
+def cancel(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
+           queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
+    """Cancel a job: no new shard starts; shards already running finish.
+
+    Example: genimg cancel 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910
+    """
+    with _client(redis_url, queue, key_prefix) as client:
+        st = client.job(job_id, output=output).cancel()
+        if as_json:
+            _print_json(st.to_dict())
+        else:
+            typer.echo(_status_line(st))
+
+
+@_guarded
+def resume(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
+           queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
+    """Re-enqueue every shard without a committed index (after a crash, a Redis loss or a cancel).
+
+    Example: genimg resume 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --output s3://bucket/run-7
+    """
+    with _client(redis_url, queue, key_prefix) as client:
+        job = client.job(job_id, output=output)
+        sent = job.resume()
+        if as_json:
+            _print_json({"job_id": job_id, "enqueued": sent, "status": job.status().to_dict()})
+        else:
+            typer.echo(f"{job_id}: {sent} shards enqueued")
+
+
+@_guarded
+def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Local file to write (.parquet, .csv or .jsonl).",
+                                                              show_default=False)],
+             output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
+             queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
+    """Write a job's manifest (one row per item) to a local file.
+
+    Example: genimg manifest 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --out manifest.parquet
+    """
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".csv", ".jsonl"):
+        raise ValidationError(f"must end in .parquet, .csv or .jsonl (got {str(out)!r})", field="out")
+    with _client(redis_url, queue, key_prefix) as client:
+        table = client.job(job_id, output=output).manifest()
+    _write_table(table, out)
+    if as_json:
+        _print_json({"job_id": job_id, "rows": table.num_rows, "out": str(out)})
+    else:
+        _err(f"wrote {table.num_rows:,} rows to {out}")
+
+
+def _write_table(table: Any, out: Path) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        if out.suffix.lower() == ".parquet":
+            pq.write_table(table, tmp)
+        elif out.suffix.lower() == ".csv":
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(table, tmp)
+        else:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for row in table.to_pylist():
+                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValidationError(f"cannot write {str(out)!r}: {e.strerror}", field="out") from e
+
+
+@_guarded
+def ls(limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Most jobs to list.")] = 20,
+       as_json: JsonOut = False, redis_url: RedisUrl = None, queue: Queue = None,
+       key_prefix: KeyPrefix = None) -> None:
+    """List recent jobs, newest first.
+
+    Example: genimg ls --limit 5 --json
+    """
+    with _client(redis_url, queue, key_prefix) as client:
+        statuses = [job.status() for job in client.jobs(limit)]
+    if as_json:
+        _print_json([st.to_dict() for st in statuses])
+    else:
+        for st in statuses:
+            typer.echo(_status_line(st))
+
+
+COMMANDS: tuple[Callable[..., Any], ...] = (submit, status, wait, cancel, resume, manifest, ls)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the producer's commands to the root ``genimg`` app."""
+    for fn in COMMANDS:
+        app.command(name=fn.__name__)(fn)
