@@ -1,0 +1,105 @@
+"""The Celery app and each worker process's context (clients created after fork).
+
+Import-time work is limited to reading settings: the Triton, Redis and S3
+clients of a pool child are built lazily in that child (:func:`context`), never
+inherited across fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+from celery.signals import worker_process_shutdown
+
+from genimg import metrics
+from genimg.queue import Keys
+from genimg.settings import StorageSettings, TritonSettings
+from genimg.shards import Layout
+from genimg.spec import JobSpec
+from workers.config import WorkerSettings, celery_config
+
+log = logging.getLogger(__name__)
+
+SETTINGS = WorkerSettings()
+app = Celery("genimg")
+app.conf.update(celery_config(SETTINGS))
+
+
+@dataclass
+class WorkerContext:
+    """Per-process clients and caches of a worker."""
+
+    settings: WorkerSettings
+    redis: redis.Redis
+    keys: Keys
+    infer: object
+    storage_settings: StorageSettings
+    hostname: str = field(default_factory=socket.gethostname)
+    _stores: dict = field(default_factory=dict)
+    _specs: OrderedDict = field(default_factory=OrderedDict)
+
+    def spec(self, job_id: str) -> JobSpec:
+        """The job's spec, cached per process (an LRU of 64 jobs)."""
+        from genimg.jobs import load_spec
+
+        if job_id in self._specs:
+            self._specs.move_to_end(job_id)
+            return self._specs[job_id]
+        spec = load_spec(self.redis, self.keys, None, None, job_id)
+        self._specs[job_id] = spec
+        while len(self._specs) > 64:
+            self._specs.popitem(last=False)
+        return spec
+
+    def store_for(self, spec: JobSpec):
+        """(store, layout) of the job's output URL; one store per bucket, reused."""
+        from genimg.stores import open_store
+
+        if spec.output not in self._stores:
+            self._stores[spec.output] = open_store(spec.output, self.storage_settings)
+        store, prefix = self._stores[spec.output]
+        return store, Layout(bucket=store.bucket, prefix=prefix, job_id=spec.job_id)
+
+
+_CTX: WorkerContext | None = None
+_CTX_PID: int | None = None
+_LOCK = threading.Lock()
+
+
+def context() -> WorkerContext:
+    """This process's context, built on first use after fork; waits for the Triton models."""
+    global _CTX, _CTX_PID
+    with _LOCK:
+        if _CTX is None or _CTX_PID != os.getpid():
+            from genimg.pipeline import Infer
+            from genimg.triton.client import InferenceClient
+
+            tset = TritonSettings.from_env()
+            client = InferenceClient.from_settings(tset)
+            client.wait_ready(["txt2img", "noise2img"], timeout_s=tset.triton_ready_timeout_s)
+            _CTX = WorkerContext(
+                settings=SETTINGS,
+                redis=redis.Redis.from_url(SETTINGS.redis_url.get_secret_value(), socket_timeout=30,
+                                           socket_connect_timeout=10, health_check_interval=10),
+                keys=Keys(SETTINGS.key_prefix),
+                infer=Infer(client),
+                storage_settings=StorageSettings.from_env(),
+            )
+            _CTX_PID = os.getpid()
+        return _CTX
+
+
+@worker_process_shutdown.connect
+def _on_child_exit(pid=None, **_: object) -> None:
+    metrics.mark_process_dead(pid or os.getpid())
+
+
+# Register the task with the app.
+import workers.tasks  # noqa: E402,F401

@@ -1,0 +1,103 @@
+"""The one Celery task: ``genimg.generate_shard(job_id, shard_index)``.
+
+Errors are decided on genimg's own types: a :class:`~genimg.errors.RetryableError`
+(Triton or S3 unavailable, a timeout, Redis down) retries the shard with
+exponential backoff and full jitter, at most ``max_retries`` times and never
+longer than ``retry_backoff_max_s`` (below the visibility timeout, case C1);
+a :class:`~genimg.errors.PermanentError` records the shard as failed with its
+reason, and the rest of the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from genimg import jobs, metrics
+from genimg.errors import GenImgError, PermanentError, RetryableError
+from genimg.pipeline import count_committed, run_shard
+from genimg.shards import is_committed, read_shard_index
+from workers.app import SETTINGS, app, context
+
+log = logging.getLogger(__name__)
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def backoff_s(retries: int) -> float:
+    """Countdown before retry ``retries`` + 1: full jitter over ``base * 2**retries``, capped."""
+    cap = min(float(SETTINGS.retry_backoff_max_s), SETTINGS.retry_backoff_base_s * 2 ** retries)
+    return random.uniform(0.5 * cap, cap)
+
+
+def _reason(e: BaseException) -> str:
+    return getattr(e, "reason", None) or type(e).__name__
+
+
+@app.task(name="genimg.generate_shard", bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)
+def generate_shard(self, job_id, shard_index):
+    """Make and commit one shard. Returns ``{"status", "job_id", "shard", "ok", "failed"}`` (JSON)."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or type(shard_index) is not int \
+            or shard_index < 0:
+        log.error("rejected malformed task arguments", extra={"task_id": self.request.id})
+        return {"status": "rejected", "reason": "malformed_arguments"}
+    fields = {"job_id": job_id, "shard": shard_index}
+    ctx = context()
+    try:
+        spec = ctx.spec(job_id)
+    except PermanentError as e:
+        log.error("job spec unusable: %s", e, extra=fields)
+        return {"status": "rejected", "reason": _reason(e), **fields}
+    if shard_index >= spec.shard_plan().num_shards:
+        log.error("shard index out of range", extra=fields)
+        return {"status": "rejected", "reason": "shard_out_of_range", **fields}
+    if jobs.is_cancelled(ctx.redis, ctx.keys, job_id):
+        return {"status": "cancelled", **fields}
+    store, layout = ctx.store_for(spec)
+    try:
+        if is_committed(store, layout, shard_index):
+            index = read_shard_index(store, layout, shard_index)
+            ok = sum(1 for s in index.column("status").to_pylist() if s == "ok")
+            jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, ok, index.num_rows - ok)
+            jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
+            return {"status": "already_committed", **fields}
+        jobs.mark_running(ctx.redis, ctx.keys, job_id, shard_index, ctx.hostname)
+        metrics.SHARDS_IN_FLIGHT.inc()
+        try:
+            result = run_shard(spec, shard_index, store=store, layout=layout, infer=ctx.infer,
+                               encode_threads=max(1, SETTINGS.upload_threads // 2))
+        finally:
+            metrics.SHARDS_IN_FLIGHT.dec()
+        if jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, result.items_ok, result.items_failed):
+            count_committed(result, spec.image_format)
+        log.info("shard committed ok=%d failed=%d seconds=%.2f", result.items_ok, result.items_failed,
+                 result.seconds["shard"], extra=fields)
+        jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
+        return {"status": "committed", "ok": result.items_ok, "failed": result.items_failed, **fields}
+    except (RetryableError, SoftTimeLimitExceeded) as e:
+        reason = _reason(e)
+        if self.request.retries >= SETTINGS.max_retries:
+            return _fail(ctx, spec, shard_index, f"retries_exhausted:{reason}", e)
+        metrics.SHARDS_RETRIED.labels(reason).inc()
+        countdown = backoff_s(self.request.retries)
+        log.warning("shard retry %d in %.1f s: %s", self.request.retries + 1, countdown, e, extra=fields)
+        raise self.retry(exc=e, countdown=countdown) from None
+    except (PermanentError, GenImgError) as e:
+        return _fail(ctx, spec, shard_index, _reason(e), e)
+
+
+def _fail(ctx, spec, shard_index: int, reason: str, e: BaseException) -> dict:
+    """Record a shard as failed (reason kept), count it, and let the job finish without it."""
+    log.error("shard failed: %s: %s", reason, e, extra={"job_id": spec.job_id, "shard": shard_index})
+    metrics.SHARDS_FAILED.labels(reason.split(":")[0]).inc()
+    jobs.mark_failed(ctx.redis, ctx.keys, spec.job_id, shard_index, f"{reason}: {e}")
+    try:
+        store, layout = ctx.store_for(spec)
+        jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
+    except GenImgError as fe:
+        log.warning("finalise after failure deferred: %s", fe, extra={"job_id": spec.job_id})
+    return {"status": "failed", "reason": reason, "job_id": spec.job_id, "shard": shard_index}
