@@ -40,6 +40,7 @@ def train(
     seed: int = typer.Option(0, help="Random seed (training is deterministic for a seed)."),
     out: Path = typer.Option(WEIGHTS_DIR, help="Directory for the safetensors weights."),
     epochs: int = typer.Option(0, help="Epochs (generator, verifier) or steps (upscaler); 0 = default."),
+    calibrate: bool = typer.Option(True, help="generator: calibrate the null condition afterwards."),
 ) -> None:
     """Train one model on this machine's CPU; prints the weights path."""
     _offline()
@@ -59,7 +60,22 @@ def train(
             bar.update(task, completed=step, total=total, figures=json.dumps(figures))
 
         path = fn(out, progress=progress, **kwargs)
+        if model is Trainable.generator and calibrate:
+            bar.update(task, description="calibrate null condition", completed=0)
+            path = tr.calibrate_null(out, seed=seed, progress=progress)
     typer.echo(str(path))
+
+
+@app.command("calibrate-null")
+def calibrate_null(
+    seed: int = typer.Option(0, help="Random seed."),
+    weights: Path = typer.Option(WEIGHTS_DIR, help="Directory holding generator.safetensors (rewritten)."),
+) -> None:
+    """Calibrate the generator's "no prompt" condition so noise-only samples cover all digits."""
+    _offline()
+    from genimg.models.train import calibrate_null as run
+
+    typer.echo(str(run(weights, seed=seed)))
 
 
 @app.command()

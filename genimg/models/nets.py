@@ -60,8 +60,15 @@ class Generator(nn.Module):
     """Text-conditional DCGAN generator.
 
     Input ``z`` float32 [B, 100] ~ N(0, 1) and ``cond`` float32 [B, 384] (a
-    unit-norm prompt embedding, or zeros for "no prompt"); output float32
-    [B, 1, 28, 28] in [-1, 1].
+    unit-norm prompt embedding, or zeros for "no prompt" as in training's
+    condition dropout); output float32 [B, 1, 28, 28] in [-1, 1].
+
+    :meth:`uncond` is the "no prompt" path used for noise-only jobs: the
+    projected condition is the ``null_proj`` buffer, which starts as
+    ``cond_proj(0)`` and is then calibrated with the generator frozen
+    (:func:`genimg.models.train.calibrate_null`) so that empty-prompt samples
+    cover all digits — the learned null condition of classifier-free
+    guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
     """
 
     def __init__(self, cond_proj_dim: int = 128) -> None:
@@ -72,9 +79,21 @@ class Generator(nn.Module):
         self.up1 = nn.ConvTranspose2d(128, 64, 4, stride=2, padding=1)  # 7 -> 14
         self.bn1 = nn.BatchNorm2d(64)
         self.up2 = nn.ConvTranspose2d(64, 1, 4, stride=2, padding=1)  # 14 -> 28
+        self.register_buffer("null_proj", torch.zeros(cond_proj_dim))
+
+    def reset_null(self) -> None:
+        """Set ``null_proj`` to the projection of the all-zero condition used in training."""
+        with torch.no_grad():
+            self.null_proj.copy_(self.cond_proj(torch.zeros(1, COND_DIM))[0])
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([z, self.cond_proj(cond)], dim=1)
+        return self._decode(torch.cat([z, self.cond_proj(cond)], dim=1))
+
+    def uncond(self, z: torch.Tensor) -> torch.Tensor:
+        """Samples without a prompt: float32 [B, 1, 28, 28] in [-1, 1]."""
+        return self._decode(torch.cat([z, self.null_proj.to(z.dtype).expand(z.shape[0], -1)], dim=1))
+
+    def _decode(self, h: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.bn0(self.fc(h)), 0.2).view(-1, 128, 7, 7)
         h = F.leaky_relu(self.bn1(self.up1(h)), 0.2)
         return torch.tanh(self.up2(h))
@@ -109,17 +128,19 @@ class Discriminator(nn.Module):
 class Upscaler(nn.Module):
     """ESPCN ×4 on one channel, residual over bicubic.
 
-    Input float32 [B, 1, H, W] in [0, 1]; output float32 [B, 1, 4H, 4W]
-    (unclamped; the export wrapper saturates).
+    ESPCN's sub-pixel convolution head with a deeper feature extractor (ReLU
+    3×3 layers as in FSRCNN's mapping stage, Dong et al. 2016,
+    https://arxiv.org/abs/1608.00367). Input float32 [B, 1, H, W] in [0, 1];
+    output float32 [B, 1, 4H, 4W] (unclamped; the export wrapper saturates).
     """
 
-    def __init__(self, channels: int = 32) -> None:
+    def __init__(self, channels: int = 64, depth: int = 3) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 64, 5, padding=2), nn.Tanh(),
-            nn.Conv2d(64, channels, 3, padding=1), nn.Tanh(),
-            nn.Conv2d(channels, SCALE * SCALE, 3, padding=1),
-        )
+        layers: list[nn.Module] = [nn.Conv2d(1, channels, 5, padding=2), nn.ReLU()]
+        for _ in range(depth):
+            layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(channels, SCALE * SCALE, 3, padding=1))
+        self.body = nn.Sequential(*layers)
         self.shuffle = nn.PixelShuffle(SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +189,7 @@ class GeneratorForExport(nn.Module):
 class UncondGeneratorForExport(nn.Module):
     """Serving form without a prompt: ``Z`` [B, 100] → ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1].
 
-    The condition is the all-zero "no prompt" embedding used for condition
-    dropout in training.
+    The condition is the generator's calibrated null condition (:meth:`Generator.uncond`).
     """
 
     def __init__(self, gen: Generator) -> None:
@@ -177,8 +197,7 @@ class UncondGeneratorForExport(nn.Module):
         self.gen = gen
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cond = torch.zeros(z.shape[0], COND_DIM, dtype=z.dtype, device=z.device)
-        return _serve_image(self.gen(z, cond))
+        return _serve_image(self.gen.uncond(z))
 
 
 class UpscalerForExport(nn.Module):

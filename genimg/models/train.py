@@ -65,7 +65,7 @@ def data_embed(prompts: list[str]) -> np.ndarray:
 
 
 def train_generator(out_dir: Path, *, seed: int = 0, epochs: int = 40, batch_size: int = 64,
-                    cond_dropout: float = 0.2, aux_weight: float = 1.0, balance_weight: float = 5.0,
+                    cond_dropout: float = 0.15, aux_weight: float = 1.0, balance_weight: float = 1.0,
                     progress: Progress | None = None) -> Path:
     """Train the text-conditional DCGAN (hinge loss, projection D + AC-GAN head).
 
@@ -130,6 +130,7 @@ def train_generator(out_dir: Path, *, seed: int = 0, epochs: int = 40, batch_siz
             if progress:
                 progress(step, total, figures)
     gen.eval()
+    gen.reset_null()
     record = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "cond_dropout": cond_dropout,
               "seconds": round(time.monotonic() - t0, 1), "final": figures, "torch": torch.__version__}
     return _save(gen, out_dir, "generator", record)
@@ -145,8 +146,8 @@ def _sr_pairs() -> list[tuple[np.ndarray, np.ndarray]]:
     return pairs
 
 
-def train_upscaler(out_dir: Path, *, seed: int = 0, steps: int = 10000, batch_size: int = 16,
-                   lr_patch: int = 32, progress: Progress | None = None) -> Path:
+def train_upscaler(out_dir: Path, *, seed: int = 0, steps: int = 6000, batch_size: int = 16,
+                   lr_patch: int = 24, progress: Progress | None = None) -> Path:
     """Train ESPCN ×4 on random aligned crops (L1 loss, Adam, cosine schedule)."""
     _seed_all(seed)
     pairs = [(hr, lr) for hr, lr in _sr_pairs() if min(lr.shape) >= lr_patch]
@@ -186,9 +187,8 @@ def train_upscaler(out_dir: Path, *, seed: int = 0, steps: int = 10000, batch_si
     return _save(model, out_dir, "upscaler", record)
 
 
-def train_verifier(out_dir: Path, *, seed: int = 0, epochs: int = 15, batch_size: int = 64,
-                   progress: Progress | None = None) -> Path:
-    """Train the digit classifier on 4,500 MNIST digits (random ±2 px shifts), 500 held out."""
+def _fit_verifier(seed: int, epochs: int, batch_size: int, progress: Progress | None) -> Verifier:
+    """The digit classifier fitted on the 4,500 training digits (random ±2 px shifts), in eval mode."""
     _seed_all(seed)
     xtr, ytr, _, _ = data.mnist_split()
     x = torch.from_numpy(xtr).float().div(255.0).unsqueeze(1)
@@ -197,7 +197,7 @@ def train_verifier(out_dir: Path, *, seed: int = 0, epochs: int = 15, batch_size
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(x) / batch_size)
-    total, step, t0 = epochs * steps_per_epoch, 0, time.monotonic()
+    total, step = epochs * steps_per_epoch, 0
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total)
     for _ in range(epochs):
         model.train()
@@ -215,7 +215,79 @@ def train_verifier(out_dir: Path, *, seed: int = 0, epochs: int = 15, batch_size
             step += 1
             if progress:
                 progress(step, total, {"ce": round(loss.item(), 4)})
-    model.eval()
+    return model.eval()
+
+
+def train_verifier(out_dir: Path, *, seed: int = 0, epochs: int = 15, batch_size: int = 64,
+                   progress: Progress | None = None) -> Path:
+    """Train the digit classifier on 4,500 MNIST digits (random ±2 px shifts), 500 held out."""
+    t0 = time.monotonic()
+    model = _fit_verifier(seed, epochs, batch_size, progress)
     record = {"seed": seed, "epochs": epochs, "batch_size": batch_size,
               "seconds": round(time.monotonic() - t0, 1), "torch": torch.__version__}
     return _save(model, out_dir, "verifier", record)
+
+
+def calibrate_null(weights_dir: Path, *, seed: int = 0, steps: int = 300, samples: int = 512,
+                   anchor_weight: float = 1.0, judge_epochs: int = 5,
+                   progress: Progress | None = None) -> Path:
+    """Calibrate the generator's null condition so empty-prompt samples cover all ten digits.
+
+    The generator's weights stay frozen; only ``null_proj`` (128 numbers, the
+    projected "no prompt" condition) moves, by Adam on KL(mean class
+    distribution ‖ uniform) of ``samples`` fresh samples a step, plus
+    ``anchor_weight`` × its squared distance from the trained value. The
+    classes come from an independent judge: a verifier fitted here with seed
+    ``seed + 1000``, not the committed verifier that the eval uses.
+
+    Returns:
+        The rewritten ``generator.safetensors``.
+    """
+    from safetensors.torch import load_file
+
+    t0 = time.monotonic()
+    judge = _fit_verifier(seed + 1000, judge_epochs, 64, None)
+    for p in judge.parameters():
+        p.requires_grad_(False)
+    _seed_all(seed)
+    gen = Generator()
+    missing, unexpected = gen.load_state_dict(load_file(str(weights_dir / "generator.safetensors")), strict=False)
+    if unexpected or set(missing) - {"null_proj"}:
+        raise ValueError(f"generator weights do not fit: missing {missing}, unexpected {unexpected}")
+    gen.eval()
+    if missing:
+        gen.reset_null()
+    for p in gen.parameters():
+        p.requires_grad_(False)
+    init = gen.null_proj.detach().clone()
+    null = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([null], lr=0.01)
+    g = torch.Generator().manual_seed(seed)
+
+    def marginal(n: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(samples, Z_DIM, generator=g)
+        x = gen._decode(torch.cat([z, n.expand(samples, -1)], dim=1))
+        return torch.softmax(judge((x + 1.0) / 2.0), dim=1).mean(0)
+
+    before = marginal(init).detach()
+    for step in range(1, steps + 1):
+        marg = marginal(null)
+        kl = (marg * torch.log(marg * 10 + 1e-8)).sum()
+        loss = kl + anchor_weight * ((null - init) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if progress:
+            progress(step, steps, {"kl": round(kl.item(), 5)})
+    with torch.no_grad():
+        gen.null_proj.copy_(null.detach())
+    after = marginal(gen.null_proj).detach()
+    record = json.loads((weights_dir / "generator.json").read_text()) if (weights_dir / "generator.json").is_file() else {}
+    record["null_calibration"] = {
+        "seed": seed, "steps": steps, "samples": samples, "anchor_weight": anchor_weight,
+        "judge": f"verifier seed {seed + 1000}, {judge_epochs} epochs",
+        "judge_class_fracs_before": [round(float(v), 4) for v in before],
+        "judge_class_fracs_after": [round(float(v), 4) for v in after],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    return _save(gen, weights_dir, "generator", record)
