@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import redis
 
 from genimg.errors import QueueUnavailableError, StorageNotFoundError
-from genimg.queue import Keys
+from genimg.queue import Keys, describe_redis_error
 from genimg.shards import Layout, build_manifest
 from genimg.spec import JobSpec
 from genimg.storage import ObjectStore
@@ -33,7 +34,7 @@ def _redis_op(what: str):
             try:
                 return fn(*a, **kw)
             except redis.RedisError as e:
-                raise QueueUnavailableError(f"Redis unavailable during {what}: {type(e).__name__}") from e
+                raise QueueUnavailableError(f"Redis unavailable during {what}: {describe_redis_error(e)}") from e
 
         inner.__name__ = fn.__name__
         inner.__doc__ = fn.__doc__
@@ -155,7 +156,9 @@ def finalize_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, layout:
 
     Safe to call from every worker after each shard: a Redis lock lets one
     finaliser run at a time and the outputs are rebuilt from committed shard
-    indexes, so a second run writes the same manifest.
+    indexes, so a second run writes the same manifest. Unfinished multipart
+    uploads under the job's ``shards/`` (left by workers killed mid-upload)
+    are aborted, so they stop costing storage.
 
     Returns:
         True when the job is finished and its manifest written.
@@ -171,13 +174,21 @@ def finalize_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, layout:
         raise QueueUnavailableError(f"Redis unavailable finalising job {spec.job_id}") from e
     try:
         table = build_manifest(store, layout, write=True)
+        abort = getattr(store, "abort_multipart_uploads", None)  # S3 only
+        if abort is not None:  # left by runs killed mid-upload; every shard is committed or failed now
+            aborted = abort(layout.shards_prefix)
+            if aborted:
+                log.info("aborted %d unfinished multipart uploads", aborted, extra={"job_id": spec.job_id})
         failures = {k.decode(): v.decode() for k, v in r.hgetall(keys.job(spec.job_id, "failed")).items()}
         started = spec.created_at.timestamp()
+        rows = table.select(["status", "reason"]).to_pylist()
         summary = {
             "job_id": spec.job_id, "state": c.state, "num_shards": c.num_shards,
             "shards_done": c.shards_done, "shards_failed": c.shards_failed,
-            "items_ok": int(sum(1 for s in table.column("status").to_pylist() if s == "ok")),
-            "items_failed": int(sum(1 for s in table.column("status").to_pylist() if s != "ok")),
+            "items_ok": sum(1 for row in rows if row["status"] == "ok"),
+            "items_failed": sum(1 for row in rows if row["status"] != "ok"),
+            "items_failed_by_reason": dict(sorted(Counter(str(row["reason"]) for row in rows
+                                                          if row["status"] != "ok").items())),
             "failed_shards": failures,
             "seconds": round(time.time() - started, 3),
         }

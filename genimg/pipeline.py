@@ -64,6 +64,22 @@ def count_committed(result: ShardResult, image_format: str) -> None:
         metrics.ITEMS_FAILED.labels(reason).inc(n)
 
 
+def result_from_index(spec: JobSpec, shard_index: int, index) -> ShardResult:
+    """What a committed shard holds, read back from its index (a shard committed by an earlier run).
+
+    Args:
+        spec: the job.
+        shard_index: the shard.
+        index: the shard's index (:data:`genimg.shards.INDEX_SCHEMA` table).
+    """
+    rows = index.select(["status", "reason", "tar_size", "model"]).to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    return ShardResult(spec.job_id, shard_index, len(ok), len(rows) - len(ok),
+                       bytes_written=sum(int(r["tar_size"] or 0) for r in ok),
+                       model=rows[0]["model"] if rows else ensemble_for(spec),
+                       failed_by_reason=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")))
+
+
 class Infer:
     """A callable ``(model, inputs) -> outputs`` bound to an InferenceClient, asking for the outputs the model has."""
 

@@ -130,6 +130,28 @@ def install_secret_redaction(*secrets: str | None) -> None:
             target.addFilter(REDACTION)
 
 
+def redact_all_handlers() -> int:
+    """Attach :data:`REDACTION` to every handler of the root logger and of every named logger.
+
+    A handler filter sees every record the handler writes, whichever logger it
+    came from. Call it again whenever a framework has installed handlers of its
+    own (Celery adds them to the root, ``celery.task`` and ``multiprocessing``
+    loggers when a worker starts).
+
+    Returns:
+        How many handlers got the filter now.
+    """
+    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(lg, logging.Logger)]
+    added = 0
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if REDACTION not in handler.filters:
+                handler.addFilter(REDACTION)
+                added += 1
+    return added
+
+
 def redact_url(url: str) -> str:
     """``url`` with its password (``redis://user:PASSWORD@host``) replaced by ``***``.
 

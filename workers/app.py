@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import redis
 from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown
 
 from genimg import metrics
 from genimg.queue import Keys
+from genimg.redaction import redact_all_handlers, register_url_secret
 from genimg.settings import StorageSettings, TritonSettings
 from genimg.shards import Layout
 from genimg.spec import JobSpec
@@ -28,8 +29,16 @@ from workers.config import WorkerSettings, celery_config
 log = logging.getLogger(__name__)
 
 SETTINGS = WorkerSettings()
+register_url_secret(SETTINGS.redis_url.get_secret_value())  # no log line shows the Redis password (C7)
 app = Celery("genimg")
 app.conf.update(celery_config(SETTINGS))
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _redact_celery_handlers(**_: object) -> None:
+    """Celery installs handlers of its own (root, ``celery.task``, ``multiprocessing``): redact them all (C7)."""
+    redact_all_handlers()
 
 
 @dataclass
@@ -83,7 +92,11 @@ def context() -> WorkerContext:
 
             tset = TritonSettings.from_env()
             client = InferenceClient.from_settings(tset)
-            client.wait_ready(["txt2img", "noise2img"], timeout_s=tset.triton_ready_timeout_s)
+            try:
+                client.wait_ready(["txt2img", "noise2img"], timeout_s=tset.triton_ready_timeout_s)
+            except BaseException:
+                client.close()  # the shard is retried and builds a new one
+                raise
             _CTX = WorkerContext(
                 settings=SETTINGS,
                 redis=redis.Redis.from_url(SETTINGS.redis_url.get_secret_value(), socket_timeout=30,

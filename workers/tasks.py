@@ -18,7 +18,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from genimg import jobs, metrics
 from genimg.errors import GenImgError, PermanentError, RetryableError
-from genimg.pipeline import count_committed, run_shard
+from genimg.pipeline import count_committed, result_from_index, run_shard
 from genimg.shards import is_committed, read_shard_index
 from workers.app import SETTINGS, app, context
 
@@ -46,23 +46,29 @@ def generate_shard(self, job_id, shard_index):
         log.error("rejected malformed task arguments", extra={"task_id": self.request.id})
         return {"status": "rejected", "reason": "malformed_arguments"}
     fields = {"job_id": job_id, "shard": shard_index}
-    ctx = context()
     try:
+        ctx = context()
         spec = ctx.spec(job_id)
     except PermanentError as e:
         log.error("job spec unusable: %s", e, extra=fields)
         return {"status": "rejected", "reason": _reason(e), **fields}
+    except (RetryableError, SoftTimeLimitExceeded) as e:
+        # Triton or Redis unreachable before the shard could start. Retry: an exception
+        # escaping here would be acknowledged as a task failure and the shard lost.
+        countdown = backoff_s(min(self.request.retries, 10))
+        log.warning("shard start retry %d in %.1f s: %s", self.request.retries + 1, countdown, e, extra=fields)
+        raise self.retry(exc=e, countdown=countdown) from None
     if shard_index >= spec.shard_plan().num_shards:
         log.error("shard index out of range", extra=fields)
         return {"status": "rejected", "reason": "shard_out_of_range", **fields}
-    if jobs.is_cancelled(ctx.redis, ctx.keys, job_id):
-        return {"status": "cancelled", **fields}
-    store, layout = ctx.store_for(spec)
     try:
+        if jobs.is_cancelled(ctx.redis, ctx.keys, job_id):
+            return {"status": "cancelled", **fields}
+        store, layout = ctx.store_for(spec)
         if is_committed(store, layout, shard_index):
-            index = read_shard_index(store, layout, shard_index)
-            ok = sum(1 for s in index.column("status").to_pylist() if s == "ok")
-            jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, ok, index.num_rows - ok)
+            done = result_from_index(spec, shard_index, read_shard_index(store, layout, shard_index))
+            if jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, done.items_ok, done.items_failed):
+                count_committed(done, spec.image_format)  # its run died between commit and count
             jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
             return {"status": "already_committed", **fields}
         jobs.mark_running(ctx.redis, ctx.keys, job_id, shard_index, ctx.hostname)
@@ -91,7 +97,20 @@ def generate_shard(self, job_id, shard_index):
 
 
 def _fail(ctx, spec, shard_index: int, reason: str, e: BaseException) -> dict:
-    """Record a shard as failed (reason kept), count it, and let the job finish without it."""
+    """Record a shard as failed (reason kept), count it, and let the job finish without it.
+
+    A shard whose index exists was committed by another run (a redelivered
+    duplicate, or a run whose upload the finaliser aborted): its commit marker
+    wins and this run's failure is not recorded.
+    """
+    try:
+        store, layout = ctx.store_for(spec)
+        if is_committed(store, layout, shard_index):
+            log.warning("shard run failed after another run committed it (%s); keeping the commit", reason,
+                        extra={"job_id": spec.job_id, "shard": shard_index})
+            return {"status": "already_committed", "job_id": spec.job_id, "shard": shard_index}
+    except GenImgError:
+        pass  # storage unreachable: record the failure; resume re-runs the shard
     log.error("shard failed: %s: %s", reason, e, extra={"job_id": spec.job_id, "shard": shard_index})
     metrics.SHARDS_FAILED.labels(reason.split(":")[0]).inc()
     jobs.mark_failed(ctx.redis, ctx.keys, spec.job_id, shard_index, f"{reason}: {e}")
