@@ -40,6 +40,23 @@ UNACKED_KEY = "unacked"
 """kombu's hash of delivered-but-unacknowledged messages (acks late: reserved or running)."""
 
 
+def describe_redis_error(e: BaseException) -> str:
+    """``"AuthenticationError: invalid username-password pair …"``: an error's type and Redis' own words.
+
+    For error messages shown to users. The text goes through
+    :data:`genimg.redaction.REDACTION` (registered passwords are replaced);
+    a refused password or missing AUTH gets a hint naming the setting.
+    """
+    from genimg.redaction import REDACTION
+
+    text = REDACTION.redact(" ".join(str(e).split())[:300])
+    out = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    lowered = out.lower()
+    if "authentication" in lowered or "password" in lowered or "noauth" in lowered:
+        out += " (check the password in GENIMG_REDIS_URL)"
+    return out
+
+
 def celery_priority(priority: int) -> int:
     """Map genimg priority 0 (lowest) … 9 (highest) to Celery's Redis priority 9 … 0."""
     if not 0 <= priority <= 9:
