@@ -49,7 +49,7 @@ from genimg.errors import (
 )
 from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prompt_chunk_key
 from genimg.jobs import SPEC_OBJECT
-from genimg.queue import Keys, celery_priority
+from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings
 from genimg.shards import Layout
@@ -154,7 +154,7 @@ class Client:
         except redis.RedisError as e:
             raise QueueUnavailableError(
                 f"Redis at {redact_url(self.settings.redis_url.get_secret_value())} unavailable "
-                f"during {what}: {type(e).__name__}") from e
+                f"during {what}: {describe_redis_error(e)}") from e
 
     def _app(self) -> Any:
         if self._celery is None:
@@ -430,7 +430,7 @@ class Client:
         except (OperationalError, KombuError, redis.RedisError, OSError) as e:
             raise QueueUnavailableError(
                 f"enqueueing job {spec.job_id} failed after {sent} messages "
-                f"({type(e).__name__}); run resume to send the rest") from e
+                f"({describe_redis_error(e)}); run resume to send the rest") from e
         log.info("enqueued job %s: %d shard messages on queue %s (priority %d)", spec.job_id, sent,
                  queue, spec.priority)
         return sent

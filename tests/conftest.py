@@ -13,4 +13,5 @@ pytest_plugins = [
     "tests.fixtures.faultproxy",
     "tests.fixtures.workers",
     "tests.fixtures.producer",
+    "tests.fixtures.redisserver",
 ]

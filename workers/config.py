@@ -65,11 +65,26 @@ def check_timing(s: WorkerSettings) -> None:
             "countdown would be redelivered (case C1)")
 
 
+def verified_tls_url(url: str) -> str:
+    """``url``, with ``ssl_cert_reqs=required`` added to a ``rediss://`` URL that does not say.
+
+    kombu reads a bare ``rediss://`` URL as "TLS without checking the server's
+    certificate" (``CERT_NONE``), while redis-py checks it; genimg checks it
+    everywhere unless the URL explicitly says ``ssl_cert_reqs=none``.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    return url + ("&" if parts.query else ("" if url.endswith("?") else "?")) + "ssl_cert_reqs=required"
+
+
 def celery_config(s: WorkerSettings) -> dict:
     """The Celery configuration genimg runs with (JSON only, acks late, prefetch 1)."""
     from genimg.queue import PRIORITY_STEPS
 
-    url = s.redis_url.get_secret_value()
+    url = verified_tls_url(s.redis_url.get_secret_value())
     transport = {
         "visibility_timeout": s.visibility_timeout_s,
         "unacked_restore_interval": s.unacked_restore_interval_s,
@@ -83,7 +98,11 @@ def celery_config(s: WorkerSettings) -> dict:
     }
     return {
         "broker_url": url,
-        "result_backend": url,
+        # No result backend: progress lives in genimg's own Redis records (genimg.jobs) and
+        # nothing reads Celery results. With one, Celery writes a task's state to Redis while
+        # it handles a lost broker connection; when Redis is restarting that write raises
+        # and the worker exits (celery 5.6, seen in tests/chaos).
+        "result_backend": None,
         "broker_transport_options": transport,
         "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
         "broker_connection_retry_on_startup": True,
@@ -101,7 +120,7 @@ def celery_config(s: WorkerSettings) -> dict:
         "task_default_queue": s.queue,
         "task_default_priority": 4,
         "task_queue_max_priority": 9,
-        "task_track_started": True,
+        "task_track_started": False,
         "result_expires": 24 * 3600,
         "worker_max_tasks_per_child": s.max_tasks_per_child or None,
         "worker_hijack_root_logger": False,
