@@ -16,20 +16,39 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 
 venv: $(VENV)/.installed-$(EXTRAS)
 
-demo: venv
-	$(PY) -m producer.cli demo
+REPO := .cache/genimg/model_repository
+$(REPO)/genimg_repository.json: $(VENV)/.installed-$(EXTRAS) $(wildcard genimg/models/weights/*.safetensors)
+	$(VENV)/bin/genimg models build-repo --flavor cpu --out $(REPO)
+
+demo: venv $(REPO)/genimg_repository.json
+	$(VENV)/bin/genimg demo
 
 eval: venv
 	$(VENV)/bin/genimg models eval --json --sheet demo-out/models_sheet.png
 
 test: venv
-	$(PY) -m pytest -q -m "not soak"
+	bash scripts/test-services.sh $(PY) -m pytest -q -m "not soak"
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not soak and not slow"
 
 soak: venv
 	$(PY) -m pytest -q -m soak
+
+# The full chaos run (tests/chaos, docs/operations.md) once per seed; each report goes to
+# demo-out/chaos-report-SEED.json, worker logs and Redis' AOF to demo-out/chaos-tmp/.
+# Replay one seed: make chaos CHAOS_SEEDS=2
+CHAOS_SEEDS ?= 1,2,3
+chaos: venv
+	mkdir -p demo-out
+	GENIMG_CHAOS_SEED=$(CHAOS_SEEDS) GENIMG_CHAOS_REPORT='demo-out/chaos-report-{seed}.json' \
+		$(PY) -m pytest -q -s -m soak tests/chaos --basetemp=demo-out/chaos-tmp
+
+# Benchmarks (issue 9, benchmarks/README.md): genimg against the in-process upper bound, naive Celery
+# and Ray Data on the same models, images and CPUs; ~20-25 min on 2 cores. BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
+bench: venv
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache

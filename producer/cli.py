@@ -31,8 +31,11 @@ def _mount() -> None:
     from workers.cli import worker
 
     register(app)  # submit, status, wait, cancel, resume, manifest, ls
+    __import__("producer.demo").demo.register(app)  # genimg local up/down/status/env, genimg demo
     app.add_typer(models_app, name="models")
     app.command("worker")(worker)
+    from genimg.exporter import exporter
+    app.command("exporter")(exporter)
     try:
         from genimg.triton.cli import app as triton_app
     except ImportError:  # the triton sub-package is optional at this stage
