@@ -229,6 +229,11 @@ def test_an_unknown_model_raises_unavailable(triton_client):
 
 
 def test_a_request_past_its_deadline_raises_timeout(triton_server, triton_client):
+    # Over HTTP only: a gRPC request cancelled at its deadline can crash Triton 2.51's
+    # server (triton-inference-server/server#7368, fixed in 24.12), and this session's
+    # server is shared; the gRPC DEADLINE_EXCEEDED mapping is covered by the status test below.
+    if triton_client.protocol != "http":
+        pytest.skip("gRPC deadlines crash Triton 2.51 (server#7368); checked over HTTP")
     with InferenceClient(triton_server.urls[triton_client.protocol], triton_client.protocol, timeout_s=0.005) as fast:
         fast._meta["noise2img"] = triton_client.model_metadata("noise2img")
         with pytest.raises(InferenceTimeoutError):

@@ -94,17 +94,19 @@ def test_local_up_reuses_the_servers_named_in_the_environment_and_down_leaves_th
     env = _env(tmp_path / "state", GENIMG_REDIS_URL=REDIS_URL, GENIMG_TRITON_URL=triton_server.urls["grpc"],
                GENIMG_S3_ENDPOINT_URL=moto_s3_endpoint, GENIMG_S3_ACCESS_KEY_ID="testing",
                GENIMG_S3_SECRET_ACCESS_KEY="testing")
-    up = _genimg(env, "up", "--workers", "0", timeout_s=60)
-    assert up.returncode == 0, up.stderr
-    code, doc = _status(env)
-    assert code == 0
-    assert set(doc["info"].get("startup_s", {})) <= {"s3"}  # nothing of its own was started
-    assert {r["name"]: r["state"] for r in doc["components"]} == {"redis": "external", "s3": "external",
-                                                                   "triton": "external"}
-    queue = doc["env"]["GENIMG_QUEUE"]
-    assert queue.startswith("genimg-local-") and doc["env"]["GENIMG_KEY_PREFIX"] == queue
-    assert "GENIMG_S3_ACCESS_KEY_ID" not in doc["env"]  # an external endpoint's credentials stay out of the file
-    down = _genimg(env, "down", timeout_s=60)
+    assert triton_server.is_ready(), "the session's tritonserver is not serving"
+    up = _genimg(env, "up", "--workers", "0", timeout_s=120)
+    try:
+        assert up.returncode == 0, up.stderr
+        code, doc = _status(env)
+        assert code == 0
+        assert {r["name"]: r["state"] for r in doc["components"]} == {"redis": "external", "s3": "external",
+                                                                       "triton": "external"}, up.stderr
+        queue = doc["env"]["GENIMG_QUEUE"]
+        assert queue.startswith("genimg-local-") and doc["env"]["GENIMG_KEY_PREFIX"] == queue
+        assert "GENIMG_S3_ACCESS_KEY_ID" not in doc["env"]  # an external endpoint's credentials stay out of the file
+    finally:
+        down = _genimg(env, "down", timeout_s=180)
     assert down.returncode == 0, down.stderr
     assert redis.Redis.from_url(REDIS_URL).ping()
     assert triton_server.is_ready()
