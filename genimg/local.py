@@ -52,7 +52,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -65,6 +64,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from genimg.errors import GenImgError
+from genimg.triton.server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +216,6 @@ def stop_proc(proc: Proc, timeout_s: float = STOP_TIMEOUT_S,
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def local_dir() -> Path:

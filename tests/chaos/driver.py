@@ -66,7 +66,7 @@ from producer import Client
 from tests.fixtures.faultproxy import FaultProxy, RecordedRequest
 from tests.fixtures.redisserver import RedisServer
 from tests.fixtures.s3 import storage_settings_for
-from tests.fixtures.workers import Stack, WorkerProc
+from tests.fixtures.workers import Stack, WorkerProc, wait_for
 
 WORKER_ENV: dict[str, str] = {
     "GENIMG_CONCURRENCY": "1",
@@ -324,7 +324,7 @@ class ChaosDriver:
             live = self._live_workers()
             w = live[ev.target % len(live)]
             detail["worker"] = w.log_path.stem
-            kids = w.children() or wait_until(w.children, 60, f"a pool child of {w.log_path.stem}")
+            kids = w.children() or wait_for(w.children, 60, f"a pool child of {w.log_path.stem}")
             r = self._r()
             with contextlib.suppress(Exception):
                 detail["shards_running"] = r.hlen(self.keys.job(self.job_id, "running"))
@@ -447,16 +447,6 @@ class ChaosDriver:
                   f"failed: {failed}")
 
 
-def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
-    """Poll ``predicate`` until truthy; AssertionError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # --------------------------------------------------------------------------- the two runs
