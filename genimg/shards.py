@@ -322,11 +322,19 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+_ZEROS = bytes(tarfile.RECORDSIZE)
+
+
 def write_tar(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """Write a deterministic USTAR archive in memory.
 
     Every member has mtime 0, uid/gid 0, empty user/group names and mode
-    0o644; members are written in the order given.
+    0o644; members are written in the order given. The bytes are exactly what
+    ``tarfile`` writes for these members (its header, the data padded with NULs
+    to 512 bytes, two NUL blocks, NULs up to a 10,240-byte record); the
+    archive is assembled here rather than through ``TarFile.addfile``, which
+    builds every header twice and copies every member through a file object
+    (that was about a third of a worker's CPU outside PNG encoding).
 
     Args:
         members: ``(name, data)`` pairs; names of at most 100 ASCII characters.
@@ -338,20 +346,25 @@ def write_tar(members: Iterable[tuple[str, bytes]]) -> tuple[bytes, dict[str, tu
     Raises:
         ValidationError: a name that USTAR cannot hold, or a repeated name.
     """
-    buf = io.BytesIO()
+    parts: list[bytes] = []
     spans: dict[str, tuple[int, int]] = {}
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            if name in spans:
-                raise ValidationError(f"duplicate tar member {name!r}")
-            info = _tarinfo(name, len(data))
-            try:
-                header_len = len(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict"))
-            except ValueError as e:
-                raise ValidationError(f"tar member name {name!r}: {e}") from e
-            spans[name] = (tar.offset + header_len, len(data))
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue(), spans
+    offset = 0
+    for name, data in members:
+        if name in spans:
+            raise ValidationError(f"duplicate tar member {name!r}")
+        try:
+            header = _tarinfo(name, len(data)).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        except ValueError as e:
+            raise ValidationError(f"tar member name {name!r}: {e}") from e
+        offset += len(header)
+        spans[name] = (offset, len(data))
+        pad = -len(data) % tarfile.BLOCKSIZE
+        parts += (header, data, _ZEROS[:pad])
+        offset += len(data) + pad
+    end = 2 * tarfile.BLOCKSIZE
+    end += -(offset + end) % tarfile.RECORDSIZE
+    parts.append(bytes(end))
+    return b"".join(parts), spans
 
 
 def index_to_parquet(table: pa.Table) -> bytes:

@@ -26,6 +26,7 @@ from genimg.shards import (
     is_committed,
     read_shard_index,
     verify_manifest,
+    write_tar,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -127,6 +128,42 @@ def test_webdataset_reads_one_sample_per_item_keyed_by_nine_digit_item_index():
         assert meta["prompt"] == item.prompt
         assert "infer_s" not in meta, "timings would break byte-identical retries"
         assert np.array_equal(decode(sample["webp"]), _image(item.item_index))
+
+
+def _tarfile_reference(members: list[tuple[str, bytes]]) -> bytes:
+    """The same members written through ``tarfile.TarFile.addfile`` (the writer ``write_tar`` replaced)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1], [511, 512, 513], [5000, 17, 0, 1024], [10240 - 1536], [10240 - 1024]])
+def test_write_tar_gives_the_bytes_tarfile_writes_for_any_member_sizes(sizes):
+    rng = np.random.default_rng(len(sizes))
+    members = [(f"{k:09d}.{'png' if k % 2 else 'json'}", rng.integers(0, 256, n, dtype=np.uint8).tobytes())
+               for k, n in enumerate(sizes)]
+    data, spans = write_tar(members)
+    assert data == _tarfile_reference(members)
+    assert len(data) % tarfile.RECORDSIZE == 0
+    for name, body in members:
+        offset, size = spans[name]
+        assert data[offset:offset + size] == body
+
+
+@pytest.mark.parametrize("name", ["x" * 101, "bad\udce9.png"])
+def test_write_tar_refuses_names_ustar_cannot_hold(name):
+    with pytest.raises(ValidationError, match="tar member name"):
+        write_tar([(name, b"data")])
+
+
+def test_write_tar_refuses_a_repeated_name():
+    with pytest.raises(ValidationError, match="duplicate"):
+        write_tar([("a.png", b"1"), ("a.png", b"2")])
 
 
 def test_index_offsets_and_sizes_point_at_each_image_member():

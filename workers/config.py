@@ -39,6 +39,8 @@ class WorkerSettings(BaseSettings):
     metrics_dir: str = ""
     """prometheus_client multiprocess directory (PROMETHEUS_MULTIPROC_DIR); wiped at start."""
     upload_threads: int = Field(default=4, gt=0, le=64)
+    infer_inflight: int = Field(default=2, gt=0, le=64)
+    """Triton requests (of ``sub_batch_size`` items each) one pool process keeps in flight."""
     check_timing: bool = True
     """Refuse to start on unsafe timing (C1). Only tests switch this off."""
 

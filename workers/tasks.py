@@ -75,6 +75,7 @@ def generate_shard(self, job_id, shard_index):
         metrics.SHARDS_IN_FLIGHT.inc()
         try:
             result = run_shard(spec, shard_index, store=store, layout=layout, infer=ctx.infer,
+                               infer_inflight=SETTINGS.infer_inflight,
                                encode_threads=max(1, SETTINGS.upload_threads // 2))
         finally:
             metrics.SHARDS_IN_FLIGHT.dec()
