@@ -45,7 +45,7 @@ chaos: venv
 		$(PY) -m pytest -q -s -m soak tests/chaos --basetemp=demo-out/chaos-tmp
 
 # Benchmarks (issue 9, benchmarks/README.md): genimg against the in-process upper bound, naive Celery
-# and Ray Data on the same models, images and CPUs; ~20-25 min on 2 cores. BENCH_ARGS=--quick for a smoke run.
+# and Ray Data on the same models, images and CPUs; ~16 min on 2 cores. BENCH_ARGS=--quick for a smoke run.
 BENCH_ARGS ?=
 bench: venv
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

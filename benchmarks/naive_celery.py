@@ -102,7 +102,8 @@ def main() -> None:
     timings = res.get(timeout=3600)
     seconds = time.perf_counter() - t0
     res.forget()
-    print(json.dumps({"images": args.count, "seconds": round(seconds, 3), "enqueue_s": round(t_sent - t0, 3), "setup_cpu_s": round(setup_cpu_s, 3),
+    print(json.dumps({"images": args.count, "seconds": round(seconds, 3), "enqueue_s": round(t_sent - t0, 3),
+                      "setup_cpu_s": round(setup_cpu_s, 3),
                       "images_per_s": round(args.count / seconds, 2), "stage_unit": "image",
                       "stage_samples": {k: [round(t[k], 5) for t in timings] for k in ("infer", "encode", "upload")}}))
 

@@ -179,7 +179,8 @@ def main() -> None:
         batch, actors = (int(x) for x in cfg.split("x"))
         runs.append(run_once(args, batch, actors, f"{args.prefix}/c{k}"))
     ray.shutdown()
-    print(json.dumps({"ray_version": ray.__version__, "init_s": round(init_s, 3), "setup_cpu_s": round(setup_cpu_s, 3), "runs": runs}))
+    print(json.dumps({"ray_version": ray.__version__, "init_s": round(init_s, 3), "setup_cpu_s": round(setup_cpu_s, 3),
+                      "runs": runs}))
 
 
 if __name__ == "__main__":
