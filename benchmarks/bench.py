@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,7 @@ RAY_SWEEP = ("64x2", "256x2")
 
 def _median(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None]
-    return round(statistics.median(xs), 4) if xs else None
+    return round(statistics.median(xs), 6) if xs else None
 
 
 def _pcts(samples: list[float]) -> dict:
@@ -428,6 +429,17 @@ def _score(run: dict) -> float:
 
 SWEEP_MARGIN = 1.03
 """A swept value replaces the best so far only if it scores this much better (runs are single and noisy)."""
+SWEEP_RERUN_OTHER_SHARE = 0.2
+"""A sweep run during which others used more than this share of the CPUs is run once more (the quieter counts):
+the load correction of :func:`_score` is rough, and a disturbed run once won a sweep by it."""
+
+
+def _quieter(run: dict, again: Callable[[], dict]) -> dict:
+    """``run``, or a second run of the same setting if others disturbed the first (see above)."""
+    if run["host_busy_share_other"] <= SWEEP_RERUN_OTHER_SHARE:
+        return run
+    second = again()
+    return second if second["host_busy_share_other"] < run["host_busy_share_other"] else run
 
 
 def _wait_for_load(limit: float, max_wait_s: float) -> dict:
@@ -638,14 +650,15 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             rows = []
             for b, t, i in UPPER_SWEEP:
-                r = bench.run_upper(b, t, i, n_sweep)
+                r = _quieter(bench.run_upper(b, t, i, n_sweep), lambda b=b, t=t, i=i: bench.run_upper(b, t, i, n_sweep))
                 rows.append({"batch": b, "threads": t, "intra_op": i, "images_per_s": r["images_per_s"],
                              "host_busy_share_other": r["host_busy_share_other"], "score": round(_score(r), 2)})
             best_row = max(rows, key=lambda x: x["score"])
             best_upper = (best_row["batch"], best_row["threads"], best_row["intra_op"])
             sweeps["upper_bound"] = rows
             best, grows = dict(DEFAULTS), []
-            r = bench.run_genimg(best, "genimg_sweep", count=n_sweep)
+            r = _quieter(bench.run_genimg(best, "genimg_sweep", count=n_sweep),
+                         lambda: bench.run_genimg(DEFAULTS, "genimg_sweep", count=n_sweep))
             best_score = _score(r)
             grows.append({**best, "images_per_s": r["images_per_s"],
                           "host_busy_share_other": r["host_busy_share_other"], "score": round(best_score, 2)})
@@ -654,7 +667,8 @@ def main(argv: list[str] | None = None) -> dict:
                 for v in values:
                     cfg = {**best, setting: v}
                     try:
-                        r = bench.run_genimg(cfg, "genimg_sweep", count=n_sweep)
+                        r = _quieter(bench.run_genimg(cfg, "genimg_sweep", count=n_sweep),
+                                     lambda cfg=cfg: bench.run_genimg(cfg, "genimg_sweep", count=n_sweep))
                     except RuntimeError as e:
                         log.warning("sweep %s failed: %s", cfg, e)
                         continue
