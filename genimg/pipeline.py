@@ -26,8 +26,11 @@ import numpy as np
 from genimg import imaging, metrics
 from genimg.errors import NonFiniteOutputError
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key, prompt_chunks_for_items
-from genimg.shards import Layout, ShardItem, commit_shard
-from genimg.seeds import batch_noise, item_seeds
+from genimg.profiles.params import batch_key
+from genimg.profiles.schema import ModelProfile
+from genimg.profiles.tensors import build_inputs, check_served, item_values, read_images, read_metadata
+from genimg.seeds import item_seeds
+from genimg.shards import Layout, ShardItem, commit_shard, index_schema
 from genimg.spec import JobSpec, item_to_prompt_index
 from genimg.storage import ObjectStore
 
@@ -37,8 +40,8 @@ NON_FINITE = NonFiniteOutputError.reason
 
 
 def ensemble_for(spec: JobSpec) -> str:
-    """The Triton ensemble that serves ``spec``: ``txt2img``/``noise2img``, or their ``_base`` (28×28) forms."""
-    return spec.model if spec.upscale else f"{spec.model}_base"
+    """The Triton model or ensemble that serves ``spec``: its resolved profile's ``triton_model``."""
+    return spec.profile.triton_model
 
 
 @dataclass(frozen=True)
@@ -81,22 +84,40 @@ def result_from_index(spec: JobSpec, shard_index: int, index) -> ShardResult:
 
 
 class Infer:
-    """A callable ``(model, inputs) -> outputs`` bound to an InferenceClient, asking for the outputs the model has."""
+    """A callable ``(model, inputs, outputs) -> outputs`` bound to an InferenceClient.
+
+    Before a profile's first request it checks the served model's tensors against the
+    profile (:func:`genimg.profiles.tensors.check_served`), once per model.
+    """
 
     def __init__(self, client) -> None:
         self.client = client
+        self._checked: set[tuple[str, str]] = set()
 
-    def __call__(self, model: str, inputs: dict) -> dict[str, np.ndarray]:
-        declared = self.client.model_metadata(model).outputs
-        wanted = [n for n in ("IMAGE", "LABEL", "SCORE", "FINITE") if n in declared]
-        return self.client.infer(model, inputs, outputs=wanted)
+    def check(self, profile: ModelProfile) -> str:
+        """Check the served model against ``profile``; returns the served model's version hash.
+
+        Raises:
+            ProfileMismatchError: a tensor differs (the shard fails permanently, naming it).
+            InferenceUnavailableError: Triton or the model is not available.
+        """
+        meta = self.client.model_metadata(profile.triton_model)
+        key = (profile.triton_model, profile.model_dump_json())
+        if key not in self._checked:
+            check_served(profile, meta.inputs, meta.outputs)
+            self._checked.add(key)
+        return meta.version
+
+    def __call__(self, model: str, inputs: dict, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        return self.client.infer(model, inputs, outputs=outputs)
 
 
 def load_prompts(store: ObjectStore, layout: Layout, spec: JobSpec, start: int, stop: int) -> list[str | None]:
-    """Prompts of items ``[start, stop)``, read from the stored chunks (``None`` for noise2img)."""
-    if spec.model != "txt2img":
+    """Prompts of items ``[start, stop)``, read from the stored chunks (``None`` for noise profiles)."""
+    if spec.profile.task != "text":
         return [None] * (stop - start)
     chunk = spec.prompt_chunk_size
+    assert chunk is not None
     prompts: dict[int, str] = {}
     for c in prompt_chunks_for_items(start, stop, spec.images_per_prompt, chunk):
         for j, p in enumerate(decode_prompt_chunk(store.get_bytes(f"{layout.job_prefix}/{prompt_chunk_key(c)}"))):
@@ -104,20 +125,25 @@ def load_prompts(store: ObjectStore, layout: Layout, spec: JobSpec, start: int, 
     return [prompts[item_to_prompt_index(i, spec.images_per_prompt)] for i in range(start, stop)]
 
 
-def _images(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [B, H, W, C] images and a bool [B] finiteness mask from one Triton answer.
+def plan_requests(spec: JobSpec, indices: np.ndarray, seeds: np.ndarray, prompts: list[str | None]
+                  ) -> list[_SubBatch]:
+    """Cut a shard's items into requests of at most ``sub_batch_size`` items.
 
-    Float images (a user's own model) are checked and converted here; uint8
-    images carry their finiteness in the model's ``FINITE`` output, if any.
+    Items are taken in order; items whose shape-changing parameters differ
+    (:func:`genimg.profiles.params.batch_key`) never share a request.
     """
-    img = out["IMAGE"]
-    if img.dtype == np.uint8:
-        finite = out["FINITE"].reshape(len(img)).astype(bool) if "FINITE" in out else np.ones(len(img), bool)
-        return img, finite
-    with np.errstate(invalid="ignore", over="ignore"):
-        finite = np.isfinite(img.reshape(len(img), -1)).all(axis=1)
-        safe = np.where(np.isfinite(img), img, 0.0)
-    return imaging.to_uint8(safe, -1.0, 1.0), finite
+    values = item_values(spec.params, indices)
+    keys = [batch_key(spec.profile, v) for v in values]
+    groups: dict[tuple, list[int]] = {}
+    for j, k in enumerate(keys):
+        groups.setdefault(k, []).append(j)
+    out = []
+    for members in groups.values():
+        for i in range(0, len(members), spec.sub_batch_size):
+            sel = np.array(members[i:i + spec.sub_batch_size], dtype=np.int64)
+            out.append(_SubBatch(indices[sel], seeds[sel], [prompts[j] for j in sel], [values[j] for j in sel]))
+    out.sort(key=lambda b: int(b.indices[0]))
+    return out
 
 
 @dataclass
@@ -125,75 +151,87 @@ class _SubBatch:
     indices: np.ndarray
     seeds: np.ndarray
     prompts: list[str | None]
+    values: list[dict]
     out: dict[str, np.ndarray] | None = None
     infer_s: float = 0.0
 
 
 def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: Layout,
-              infer: Callable[[str, dict], dict[str, np.ndarray]], model_version: str = "1",
+              infer: Callable[..., dict[str, np.ndarray]], model_version: str | None = None,
               infer_inflight: int = 2, encode_threads: int = 2) -> ShardResult:
     """Generate, encode and commit one shard; idempotent (same bytes on every run).
+
+    Everything model-specific comes from ``spec.profile``: the request's inputs
+    (:func:`genimg.profiles.tensors.build_inputs`), the image and its conversion
+    to uint8 HWC, the finiteness flag and the metadata columns.
 
     Args:
         spec: the job.
         shard_index: which shard of ``spec.shard_plan()``.
         store: the job's object store; layout: its key layout.
-        infer: ``(model, inputs) -> {IMAGE uint8 [B,H,W,C], LABEL int32 [B,1], SCORE fp32 [B,1], FINITE?}``.
-        model_version: recorded in each item's metadata.
+        infer: ``(model, inputs, outputs) -> {tensor: array [B, ...]}``; an :class:`Infer`
+            also checks the served model against the profile before the first request.
+        model_version: recorded in each item's metadata; default the served model's hash
+            (``Infer.check``), else ``"1"``.
         infer_inflight: Triton requests in flight at once.
         encode_threads: encoder threads.
 
     Raises:
         RetryableError subclasses (Triton or storage unavailable): retry the shard.
-        PermanentError subclasses: the shard cannot succeed.
+        PermanentError subclasses: the shard cannot succeed (e.g. ``ProfileMismatchError``).
     """
     t0 = time.perf_counter()
+    profile = spec.profile
     start, stop = spec.shard_plan().shard_range(shard_index)
-    model = ensemble_for(spec)
+    model = profile.triton_model
+    if isinstance(infer, Infer):
+        served = infer.check(profile)
+        model_version = model_version or served
+    model_version = model_version or "1"
+    wanted = profile.output_tensors
     prompts = load_prompts(store, layout, spec, start, stop)
     indices = np.arange(start, stop, dtype=np.int64)
     seeds = item_seeds(spec.seed, indices)
-    step = spec.sub_batch_size
-    batches = [_SubBatch(indices[i:i + step], seeds[i:i + step], prompts[i:i + step])
-               for i in range(0, len(indices), step)]
+    batches = plan_requests(spec, indices, seeds, prompts)
 
     def run_infer(b: _SubBatch) -> _SubBatch:
-        inputs: dict = {"Z": batch_noise(spec.seed, b.indices)}
-        if spec.model == "txt2img":
-            inputs["PROMPT"] = b.prompts
+        inputs = build_inputs(profile, seeds=b.seeds, prompts=b.prompts, item_values=b.values,
+                              negative_prompt=spec.negative_prompt)
         t = time.perf_counter()
-        b.out = infer(model, inputs)
+        b.out = infer(model, inputs, wanted)
         b.infer_s = time.perf_counter() - t
         metrics.STAGE_SECONDS.labels("infer").observe(b.infer_s)
         return b
 
     def encode(b: _SubBatch) -> list[ShardItem]:
         t = time.perf_counter()
-        images, finite = _images(b.out)
+        assert b.out is not None
+        images, finite = read_images(profile, b.out)
+        out = b.out
         if not finite.all():  # retry the non-finite items once, alone (case C9)
             bad = np.flatnonzero(~finite)
-            retry = run_infer(_SubBatch(b.indices[bad], b.seeds[bad], [b.prompts[i] for i in bad]))
-            r_images, r_finite = _images(retry.out)
-            images = images.copy()
-            images[bad] = r_images
-            finite = finite.copy()
-            finite[bad] = r_finite
-            for k in ("LABEL", "SCORE"):
-                b.out[k] = b.out[k].copy()
-                b.out[k][bad] = retry.out[k]
+            retry = run_infer(_SubBatch(b.indices[bad], b.seeds[bad], [b.prompts[i] for i in bad],
+                                        [b.values[i] for i in bad]))
+            assert retry.out is not None
+            r_images, r_finite = read_images(profile, retry.out)
+            images, finite = images.copy(), finite.copy()
+            images[bad], finite[bad] = r_images, r_finite
+            out = {k: np.array(v, copy=True) for k, v in out.items()}
+            for k in out:
+                out[k][bad] = retry.out[k]
         items = []
         per_item_infer = b.infer_s / max(len(b.indices), 1)
         for j, idx in enumerate(b.indices):
             common = dict(item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
-                          prompt=b.prompts[j], infer_s=per_item_infer)
+                          profile=profile.name, params=b.values[j], prompt=b.prompts[j],
+                          negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
             if not finite[j]:
                 items.append(ShardItem(reason=NON_FINITE, **common))
                 continue
             te = time.perf_counter()
             data = imaging.encode(images[j], spec.image_format, spec.quality)
             items.append(ShardItem(image=data, format=spec.image_format, width=int(images.shape[2]),
-                                   height=int(images.shape[1]), label=int(b.out["LABEL"][j].reshape(-1)[0]),
-                                   score=float(b.out["SCORE"][j].reshape(-1)[0]),
+                                   height=int(images.shape[1]), extra=read_metadata(profile, out, j),
                                    encode_s=time.perf_counter() - te, **common))
         metrics.STAGE_SECONDS.labels("encode").observe(time.perf_counter() - t)
         return items
@@ -206,7 +244,8 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         for f in encoded:
             items.extend(f.result())
     gen_s = time.perf_counter() - t0
-    commit = commit_shard(store, layout, shard_index, items, stage_seconds={"generate": gen_s})
+    schema = index_schema({c: m.type for c, m in profile.metadata.items()})
+    commit = commit_shard(store, layout, shard_index, items, stage_seconds={"generate": gen_s}, schema=schema)
     upload_s = float(commit.stats["seconds"].get("upload", 0.0))
     metrics.STAGE_SECONDS.labels("upload").observe(upload_s)
     ok = [it for it in items if it.ok]
@@ -214,5 +253,5 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
     metrics.STAGE_SECONDS.labels("shard").observe(total_s)
     return ShardResult(spec.job_id, shard_index, len(ok), len(items) - len(ok),
                        {"generate": gen_s, "upload": upload_s, "shard": total_s},
-                       bytes_written=sum(len(it.image) for it in ok), model=model,
-                       failed_by_reason=dict(Counter(it.reason for it in items if not it.ok)))
+                       bytes_written=sum(len(it.image or b"") for it in ok), model=model,
+                       failed_by_reason=dict(Counter(it.reason or "" for it in items if not it.ok)))

@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
+from genimg.profiles.params import params_json
 from genimg.storage import ObjectStore, parse_url, sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 3
 """Fixed Parquet codec and level, so index bytes never vary for the same rows."""
 
-INDEX_SCHEMA_VERSION = "1"
+INDEX_SCHEMA_VERSION = "2"
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -84,14 +85,14 @@ INDEX_SCHEMA = pa.schema(
         pa.field("tar_size", pa.int64()),  # byte size of the image member (= encoded image)
         pa.field("prompt", pa.string()),  # null for noise-only jobs
         pa.field("seed", pa.uint64(), nullable=False),
-        pa.field("model", pa.string(), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),  # the Triton model or ensemble
+        pa.field("model_version", pa.string(), nullable=False),  # content hash of the served model files
+        pa.field("profile", pa.string(), nullable=False),  # the model profile's name
+        pa.field("params", pa.string(), nullable=False),  # the item's generation parameters, canonical JSON
         pa.field("width", pa.int32()),  # pixels
         pa.field("height", pa.int32()),  # pixels
         pa.field("format", pa.string()),  # png | webp | jpeg
         pa.field("sha256", pa.string()),  # hex sha256 of the encoded image bytes
-        pa.field("label", pa.int32()),  # verifier label
-        pa.field("score", pa.float32()),  # verifier score
         pa.field("status", pa.string(), nullable=False),  # ok | failed
         pa.field("reason", pa.string()),  # failure reason, e.g. non_finite_output
         pa.field("infer_s", pa.float64(), nullable=False),  # seconds of inference attributed to the item
@@ -99,7 +100,28 @@ INDEX_SCHEMA = pa.schema(
     ],
     metadata={b"genimg.index_schema": INDEX_SCHEMA_VERSION.encode()},
 )
-"""Schema of a shard index and of the job manifest (one row per item)."""
+"""The columns every shard index and job manifest has (one row per item); a profile's
+metadata columns follow them (:func:`index_schema`)."""
+
+METADATA_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
+"""Arrow type of a profile's metadata column, by its declared type."""
+
+
+def index_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
+    """:data:`INDEX_SCHEMA` followed by one nullable column per metadata column.
+
+    Args:
+        metadata: column name → declared type (``int``, ``float``, ``bool``, ``str``), in order.
+
+    Raises:
+        ValidationError: a name that clashes with an index column or an unknown type.
+    """
+    schema = INDEX_SCHEMA
+    for name, kind in (metadata or {}).items():
+        if name in INDEX_SCHEMA.names or kind not in METADATA_TYPES:
+            raise ValidationError(f"metadata column {name!r} ({kind}) clashes or has an unknown type")
+        schema = schema.append(pa.field(name, METADATA_TYPES[kind]))
+    return schema.with_metadata(INDEX_SCHEMA.metadata)
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _INDEX_NAME_RE = re.compile(rf"^(\d{{{SHARD_DIGITS}}})\.parquet$")
@@ -204,15 +226,17 @@ class ShardItem:
     Attributes:
         item_index: global index in ``[0, 10**9)``.
         seed: the item's derived seed, ``[0, 2**64)``.
-        model: model (ensemble) name.
-        model_version: model version as served (e.g. Triton's ``"1"``).
+        model: Triton model (ensemble) name.
+        model_version: content hash of the served model files (or Triton's version).
+        profile: the model profile's name.
+        params: the item's generation parameters (JSON values).
         prompt: text prompt, or ``None`` for noise-only jobs.
+        negative_prompt: the job's negative prompt, if any.
         image: encoded image bytes (``None`` when failed).
         format: ``png``, ``webp`` or ``jpeg``.
         width: image width in pixels.
         height: image height in pixels.
-        label: verifier label, if any.
-        score: verifier score (finite), if any.
+        extra: the profile's metadata columns (JSON values; ``None`` where unknown).
         reason: failure reason (e.g. ``non_finite_output``); ``None`` when ok.
         infer_s: seconds of inference attributed to this item.
         encode_s: seconds spent encoding this item.
@@ -225,13 +249,15 @@ class ShardItem:
     seed: int
     model: str
     model_version: str
+    profile: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict)
     prompt: str | None = None
+    negative_prompt: str | None = None
     image: bytes | None = None
     format: str | None = None
     width: int | None = None
     height: int | None = None
-    label: int | None = None
-    score: float | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
     reason: str | None = None
     infer_s: float = 0.0
     encode_s: float = 0.0
@@ -241,8 +267,9 @@ class ShardItem:
             raise ValidationError(f"item index must be in 0..{MAX_ITEM_INDEX}, got {self.item_index}")
         if not 0 <= self.seed < 2**64:
             raise ValidationError(f"seed must be in [0, 2**64), got {self.seed}", field="seed")
-        if self.score is not None and not math.isfinite(self.score):
-            raise ValidationError(f"item {self.item_index}: score must be finite, got {self.score}")
+        for name, value in self.extra.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValidationError(f"item {self.item_index}: metadata {name} must be finite, got {value}")
         if self.infer_s < 0 or self.encode_s < 0:
             raise ValidationError(f"item {self.item_index}: negative timings")
         if self.image is None:
@@ -268,7 +295,7 @@ class ShardItem:
 
     def metadata(self, job_id: str) -> dict[str, Any]:
         """The per-item JSON stored in the tar: content only, no timings (deterministic)."""
-        return {
+        meta = {
             "job_id": job_id,
             "item_index": self.item_index,
             "key": self.key,
@@ -276,13 +303,17 @@ class ShardItem:
             "seed": self.seed,
             "model": self.model,
             "model_version": self.model_version,
+            "profile": self.profile,
+            "params": dict(self.params),
             "width": self.width,
             "height": self.height,
             "format": self.format,
             "sha256": sha256_hex(self.image) if self.image is not None else None,
-            "label": self.label,
-            "score": None if self.score is None else float(np.float32(self.score)),
+            **self.extra,
         }
+        if self.negative_prompt is not None:
+            meta["negative_prompt"] = self.negative_prompt
+        return meta
 
 
 # --------------------------------------------------------------------------- building a shard
@@ -373,8 +404,9 @@ def index_to_parquet(table: pa.Table) -> bytes:
     Raises:
         ValidationError: the table does not match :data:`INDEX_SCHEMA`.
     """
-    if not table.schema.equals(INDEX_SCHEMA, check_metadata=False):
-        raise ValidationError(f"table does not match INDEX_SCHEMA: {table.schema}")
+    base = pa.schema(list(table.schema)[:len(INDEX_SCHEMA)])
+    if not base.equals(INDEX_SCHEMA, check_metadata=False):
+        raise ValidationError(f"table does not start with INDEX_SCHEMA's columns: {table.schema}")
     sink = io.BytesIO()
     pq.write_table(
         table.replace_schema_metadata(INDEX_SCHEMA.metadata),
@@ -391,14 +423,16 @@ def index_to_parquet(table: pa.Table) -> bytes:
 
 
 def index_from_parquet(data: bytes, *, source: str = "index") -> pa.Table:
-    """Read Parquet bytes written by :func:`index_to_parquet` as an :data:`INDEX_SCHEMA` table.
+    """Read Parquet bytes written by :func:`index_to_parquet`: the :data:`INDEX_SCHEMA` columns, then the rest.
 
     Raises:
         StorageError: not Parquet, or not a genimg index (missing/mistyped columns).
     """
     try:
         table = pq.read_table(io.BytesIO(data))
-        return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+        extra = [n for n in table.column_names if n not in INDEX_SCHEMA.names]
+        schema = pa.schema([*INDEX_SCHEMA, *(table.schema.field(n) for n in extra)], metadata=INDEX_SCHEMA.metadata)
+        return table.select([*INDEX_SCHEMA.names, *extra]).cast(schema)
     except (pa.ArrowException, KeyError, ValueError) as e:
         raise StorageError(f"{source} is not a genimg shard index: {e}") from e
 
@@ -409,12 +443,15 @@ class ShardWriter:
     Args:
         layout: the job's layout (gives the job id and the tar key).
         shard_index: the shard, ``0..999999``.
+        schema: the index schema (:func:`index_schema` of the profile's metadata columns);
+            default :data:`INDEX_SCHEMA`.
     """
 
-    def __init__(self, layout: Layout, shard_index: int) -> None:
+    def __init__(self, layout: Layout, shard_index: int, schema: pa.Schema | None = None) -> None:
         layout.tar_key(shard_index)  # validates the index
         self.layout = layout
         self.shard_index = shard_index
+        self.schema = schema if schema is not None else INDEX_SCHEMA
         self._items: dict[int, ShardItem] = {}
 
     def add(self, item: ShardItem) -> None:
@@ -445,25 +482,31 @@ class ShardWriter:
             members.append((f"{item.key}.json", meta.encode("utf-8")))
         tar_bytes, spans = write_tar(members)
 
-        rows: dict[str, list[Any]] = {name: [] for name in INDEX_SCHEMA.names}
+        schema = self.schema
+        rows: dict[str, list[Any]] = {name: [] for name in schema.names}
         for item in items:
+            unknown = set(item.extra) - set(schema.names)
+            if unknown:
+                raise ValidationError(f"item {item.item_index}: metadata {sorted(unknown)} has no index column")
             span = spans.get(f"{item.key}.{EXTENSIONS[str(item.format)]}") if item.ok else None
             meta = item.metadata(job_id)
             values = {
-                **{k: meta[k] for k in ("job_id", "item_index", "key", "prompt", "seed", "model", "model_version")},
+                **{k: meta[k] for k in ("job_id", "item_index", "key", "prompt", "seed", "model", "model_version",
+                                        "profile")},
+                "params": params_json(item.params),
                 "shard_index": self.shard_index,
                 "tar_key": tar_key if item.ok else None,
                 "tar_offset": span[0] if span else None,
                 "tar_size": span[1] if span else None,
-                **{k: meta[k] for k in ("width", "height", "format", "sha256", "label", "score")},
+                **{k: meta[k] for k in ("width", "height", "format", "sha256")},
                 "status": STATUS_OK if item.ok else STATUS_FAILED,
                 "reason": item.reason,
                 "infer_s": float(item.infer_s),
                 "encode_s": float(item.encode_s),
             }
-            for name in INDEX_SCHEMA.names:
-                rows[name].append(values[name])
-        index = pa.Table.from_pydict(rows, schema=INDEX_SCHEMA)
+            for name in schema.names:
+                rows[name].append(values[name] if name in values else item.extra.get(name))
+        index = pa.Table.from_pydict(rows, schema=schema)
         ok = [i for i in items if i.ok]
         return ShardPayload(
             shard_index=self.shard_index,
@@ -484,13 +527,14 @@ class ShardWriter:
         )
 
 
-def build_shard(layout: Layout, shard_index: int, items: Iterable[ShardItem]) -> ShardPayload:
+def build_shard(layout: Layout, shard_index: int, items: Iterable[ShardItem],
+                schema: pa.Schema | None = None) -> ShardPayload:
     """Build a shard's tar and index from its items (any order); see :class:`ShardWriter`.
 
     Raises:
-        ValidationError: a repeated item index or an invalid shard index.
+        ValidationError: a repeated item index, an invalid shard index, or metadata without a column.
     """
-    writer = ShardWriter(layout, shard_index)
+    writer = ShardWriter(layout, shard_index, schema)
     for item in items:
         writer.add(item)
     return writer.build()
@@ -528,6 +572,7 @@ def commit_shard(
     items: Iterable[ShardItem] | ShardPayload,
     *,
     stage_seconds: Mapping[str, float] | None = None,
+    schema: pa.Schema | None = None,
 ) -> ShardCommit:
     """Upload a shard: the tar, then the stats JSON, then the index (the commit marker) last.
 
@@ -543,6 +588,7 @@ def commit_shard(
         stage_seconds: extra seconds per stage for the stats (e.g. ``{"shard": 12.5}``);
             ``infer``/``encode`` are summed from the items and ``upload`` measured here
             unless given.
+        schema: the index schema when ``items`` are items (:func:`index_schema`).
 
     Returns:
         Keys written and the stats.
@@ -553,7 +599,7 @@ def commit_shard(
         StorageError: any other storage fault.
     """
     _check_bucket(store, layout)
-    payload = items if isinstance(items, ShardPayload) else build_shard(layout, shard_index, items)
+    payload = items if isinstance(items, ShardPayload) else build_shard(layout, shard_index, items, schema)
     if payload.shard_index != shard_index:
         raise ValidationError(f"payload is for shard {payload.shard_index}, not {shard_index}")
     tar_key, index_key = layout.tar_key(shard_index), layout.index_key(shard_index)

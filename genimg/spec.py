@@ -36,15 +36,16 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
 
 from genimg.errors import ValidationError
+from genimg.profiles.params import resolve_params
+from genimg.profiles.registry import Profiles, load_profiles
+from genimg.profiles.schema import NAME_PATTERN, ModelProfile
 from genimg.settings import SpecSettings
 
 # --------------------------------------------------------------------------- limits
 
-SCHEMA_VERSION: Final = 1
-"""Version of the stored ``job.json`` layout; :meth:`JobSpec.from_json` reads only this one."""
-
-MODELS: Final = ("txt2img", "noise2img")
-"""The served set of Triton ensembles a job may name."""
+SCHEMA_VERSION: Final = 2
+"""Version of the stored ``job.json`` layout; :meth:`JobSpec.from_json` reads only this one.
+Version 2 stores the resolved model profile and the generation parameters."""
 
 IMAGE_FORMATS: Final = ("png", "webp", "jpeg")
 
@@ -71,7 +72,7 @@ MAX_OUTPUT_URL_CHARS: Final = 512
 """Longest output URL; leaves room under S3's 1,024-byte key limit for job and shard names."""
 MAX_NAME_CHARS: Final = 64
 MAX_IDEMPOTENCY_KEY_CHARS: Final = 256
-MAX_SPEC_JSON_BYTES: Final = 64 * 1024
+MAX_SPEC_JSON_BYTES: Final = 256 * 1024
 """Largest stored ``job.json`` that :meth:`JobSpec.from_json` will parse."""
 Z_DIM: Final = 100
 """Length of the generator's noise vector ``Z`` (FP32)."""
@@ -322,11 +323,16 @@ class JobSpec(BaseModel):
         schema_version: layout version of the stored JSON (``SCHEMA_VERSION``).
         job_id: 32 hex digits, see :func:`derive_job_id`; must match the
             idempotency key when one is given.
-        model: ``"txt2img"`` (prompts) or ``"noise2img"`` (a count of noise samples).
-        count: noise2img only: number of images, 1..``MAX_TOTAL_ITEMS``.
-        num_prompts: txt2img only: number of prompts stored, >= 1.
-        prompt_chunk_size: txt2img only: prompts per stored chunk, 1..10,000.
-        images_per_prompt: 1..64 for txt2img; must be 1 for noise2img.
+        model: the name of a model profile (:mod:`genimg.profiles`), e.g. ``"txt2img"``.
+        profile: the resolved profile, stored with the job so that workers run exactly what
+            was validated (resolved from ``model`` and ``upscale`` at submit; never given).
+        params: the profile's generation parameters, validated, defaults filled in; a list
+            is a sweep (item ``i`` takes ``values[i % len(values)]``).
+        negative_prompt: text for the profile's negative-prompt input (only profiles with one).
+        count: noise profiles only: number of images, 1..``MAX_TOTAL_ITEMS``.
+        num_prompts: text profiles only: number of prompts stored, >= 1.
+        prompt_chunk_size: text profiles only: prompts per stored chunk, 1..10,000.
+        images_per_prompt: 1..64 for text profiles; must be 1 for noise profiles.
         seed: job seed, 0..2**63-1; item seeds derive from it (:func:`item_seed`).
         output: normalised output URL (:func:`validate_output_url`); the job's
             files live under ``{output}/{job_id}/``.
@@ -334,7 +340,7 @@ class JobSpec(BaseModel):
         quality: 1..100, for lossy webp and jpeg (png ignores it).
         shard_size: items per shard, 1..10,000; at most ``MAX_SHARDS`` shards.
         sub_batch_size: items per Triton request, 1..256.
-        upscale: pass images through the 4x upscaler.
+        upscale: run the named profile (true) or its ``without_upscale`` variant (false).
         priority: 0..9, higher runs sooner; accepts ``low``/``normal``/``high``
             (0/5/9) on input and is stored as the integer.
         name: optional label, 1-64 of ``A-Za-z0-9._-``, starting alphanumeric.
@@ -344,9 +350,12 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     job_id: str = Field(pattern=_JOB_ID_RE.pattern)
-    model: Literal["txt2img", "noise2img"] = "txt2img"
+    model: str = Field(pattern=NAME_PATTERN)
+    profile: ModelProfile
+    params: dict[str, Any] = Field(default_factory=dict)
+    negative_prompt: str | None = None
     count: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
     num_prompts: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
     prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
@@ -368,17 +377,29 @@ class JobSpec(BaseModel):
     # ---- construction
 
     @classmethod
-    def create(cls, *, settings: SpecSettings | None = None, **fields: Any) -> JobSpec:
-        """Validate a new job's fields; derive ``job_id`` and ``created_at`` if absent.
+    def create(cls, *, settings: SpecSettings | None = None, profiles: Profiles | None = None,
+               **fields: Any) -> JobSpec:
+        """Validate a new job's fields; derive ``job_id``, ``created_at`` and ``profile``.
 
         Args:
             settings: where ``file://`` outputs may go; read from the
                 environment (``GENIMG_LOCAL_OUTPUT_ROOT``) when omitted.
-            **fields: the attributes listed on the class.
+            profiles: the profiles ``model`` names one of; default the profiles
+                directory (``GENIMG_PROFILES_DIR``, else the bundled profiles).
+            **fields: the attributes listed on the class (not ``profile``).
 
         Raises:
-            ValidationError: naming the first invalid field.
+            ValidationError: naming the first invalid field (``params.NAME`` for a parameter).
         """
+        if "profile" in fields:
+            raise ValidationError("is resolved from model (and upscale); do not give it", field="profile")
+        if fields.get("model") is None:
+            raise ValidationError("is required: the name of a model profile", field="model")
+        upscale = fields.get("upscale", True)
+        if not isinstance(upscale, bool):
+            raise ValidationError(f"must be a bool (got {_short(upscale)})", field="upscale")
+        registry = profiles if profiles is not None else load_profiles()
+        fields = {**fields, "profile": registry.resolve(fields["model"], upscale=upscale)}
         return cls._validate(fields, settings=settings, derive=True)
 
     @classmethod
@@ -430,9 +451,20 @@ class JobSpec(BaseModel):
                     raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if data.get("created_at") is None:
                 data["created_at"] = datetime.now(timezone.utc)
-            if data.get("model", "txt2img") == "txt2img" and data.get("prompt_chunk_size") is None:
+            profile = data.get("profile")
+            if isinstance(profile, ModelProfile) and profile.task == "text" \
+                    and data.get("prompt_chunk_size") is None:
                 data["prompt_chunk_size"] = DEFAULT_PROMPT_CHUNK_SIZE
         return data
+
+    @pydantic.field_validator("negative_prompt")
+    @classmethod
+    def _check_negative_prompt(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = prompt_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @pydantic.field_validator("output")
     @classmethod
@@ -472,24 +504,36 @@ class JobSpec(BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _check_consistency(self) -> JobSpec:
-        if self.model == "txt2img":
+        task, model = self.profile.task, repr(self.model)
+        if self.upscale and self.profile.name != self.model:
+            raise _FieldError("model", f"names profile {model} but the stored profile is {self.profile.name!r}")
+        if task == "text":
             if self.count is not None:
-                raise _FieldError("count", "is for model 'noise2img'; a txt2img job gives prompts "
+                raise _FieldError("count", f"is for noise profiles; {model} is a text profile: give prompts "
                                            "(num_prompts)")
             if self.num_prompts is None:
-                raise _FieldError("num_prompts", "is required for model 'txt2img'")
+                raise _FieldError("num_prompts", f"is required for the text profile {model}")
             if self.prompt_chunk_size is None:
-                raise _FieldError("prompt_chunk_size", "is required for model 'txt2img'")
+                raise _FieldError("prompt_chunk_size", f"is required for the text profile {model}")
         else:
             if self.num_prompts is not None:
-                raise _FieldError("num_prompts", "is for model 'txt2img'; a noise2img job gives count")
+                raise _FieldError("num_prompts", f"is for text profiles; {model} is a noise profile: give count")
             if self.prompt_chunk_size is not None:
-                raise _FieldError("prompt_chunk_size", "is for model 'txt2img' only")
+                raise _FieldError("prompt_chunk_size", "is for text profiles only")
             if self.count is None:
-                raise _FieldError("count", "is required for model 'noise2img'")
+                raise _FieldError("count", f"is required for the noise profile {model}")
             if self.images_per_prompt != 1:
-                raise _FieldError("images_per_prompt", "must be 1 for model 'noise2img' "
+                raise _FieldError("images_per_prompt", f"must be 1 for the noise profile {model} "
                                                        "(use count for more images)")
+        try:
+            resolved = resolve_params(self.profile, self.params)
+        except ValidationError as e:
+            raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+        if resolved != self.params:
+            object.__setattr__(self, "params", resolved)  # defaults filled in, floats as floats
+        if self.negative_prompt is not None and not any(
+                b.kind == "negative_prompt" for b in self.profile.inputs.values()):
+            raise _FieldError("negative_prompt", f"profile {self.profile.name!r} takes no negative prompt")
         total = self.total_items
         if total > MAX_TOTAL_ITEMS:
             raise _FieldError("num_prompts", f"num_prompts x images_per_prompt = {total:,} exceeds "
@@ -501,6 +545,10 @@ class JobSpec(BaseModel):
                                             "raise shard_size")
         if self.idempotency_key is not None and self.job_id != derive_job_id(self.idempotency_key):
             raise _FieldError("job_id", "does not match the idempotency key it must derive from")
+        size = len(self.model_dump_json())
+        if size > MAX_SPEC_JSON_BYTES:
+            raise _FieldError("params", f"the job's stored spec would be {size:,} bytes; the limit is "
+                                        f"{MAX_SPEC_JSON_BYTES:,} (shorten the parameter sweeps)")
         return self
 
     # ---- derived values
@@ -508,7 +556,7 @@ class JobSpec(BaseModel):
     @property
     def total_items(self) -> int:
         """Number of images the job makes (``count``, or ``num_prompts * images_per_prompt``)."""
-        if self.model == "noise2img":
+        if self.profile.task == "noise":
             return self.count or 0
         return (self.num_prompts or 0) * self.images_per_prompt
 

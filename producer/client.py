@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -49,6 +49,7 @@ from genimg.errors import (
 )
 from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prompt_chunk_key
 from genimg.jobs import SPEC_OBJECT
+from genimg.profiles import load_profiles
 from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings
@@ -69,6 +70,10 @@ UPLOAD_THREADS = 8
 MAX_UPLOADS_IN_FLIGHT = 16
 """Prompt chunks encoded but not yet stored (bounds the producer's memory)."""
 IDEMPOTENCY_CLAIM_TTL_S = 3_600
+DEFAULT_TEXT_MODEL = "txt2img"
+"""The profile a job with prompts and no ``model`` runs."""
+DEFAULT_NOISE_MODEL = "noise2img"
+"""The profile a job with a count and no ``model`` runs."""
 """Seconds an idempotency key stays claimed by a submit that has not finished (a crashed one)."""
 
 T = TypeVar("T")
@@ -235,6 +240,8 @@ class Client:
         *,
         count: int | None = None,
         model: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        negative_prompt: str | None = None,
         images_per_prompt: int | None = None,
         output: str | None = None,
         seed: int | None = None,
@@ -252,23 +259,27 @@ class Client:
     ) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
-        Give ``prompts`` (txt2img: a list or iterable of str, or a path to a
-        .txt/.jsonl/.csv/.parquet file, read streaming) or ``count``
-        (noise2img). Unset arguments take :class:`~genimg.spec.JobSpec`'s
+        Give ``prompts`` (a text profile: a list or iterable of str, or a path to a
+        .txt/.jsonl/.csv/.parquet file, read streaming) or ``count`` (a noise
+        profile). Unset arguments take :class:`~genimg.spec.JobSpec`'s
         defaults; ``output`` falls back to ``GENIMG_OUTPUT``.
 
         Args:
             prompts: the prompts, or a file of them (a plain ``str`` is a path).
-            count: number of noise samples (noise2img).
-            model: ``txt2img`` or ``noise2img`` (default from which of the two is given).
-            images_per_prompt: images per prompt (txt2img), 1..64.
+            count: number of noise samples (noise profiles).
+            model: a model profile's name (``genimg models list``); default ``txt2img`` with
+                prompts, ``noise2img`` with a count.
+            params: the profile's generation parameters, ``{name: value}``; a list of values
+                is a sweep (item ``i`` takes ``values[i % len(values)]``).
+            negative_prompt: for profiles with a negative-prompt input.
+            images_per_prompt: images per prompt (text profiles), 1..64.
             output: ``s3://bucket/prefix`` or ``file:///dir`` under ``GENIMG_LOCAL_OUTPUT_ROOT``.
             seed: job seed, 0..2**63-1.
             image_format: ``png``, ``webp`` or ``jpeg``.
             quality: 1..100 for lossy formats.
             shard_size: items per shard, 1..10,000.
             sub_batch_size: items per Triton request, 1..256.
-            upscale: pass images through the 4x upscaler.
+            upscale: ``False`` runs the profile's variant without upscaling (digits: 28x28).
             priority: 0..9 or ``low``/``normal``/``high``; higher runs sooner.
             name: optional label.
             idempotency_key: submitting the same key again returns the same job.
@@ -283,29 +294,35 @@ class Client:
             once it has finished.
 
         Raises:
-            ValidationError: an invalid field or prompt (``.field`` names it); nothing was stored.
+            ValidationError: an invalid field, parameter or prompt (``.field`` names it, e.g.
+                ``params.steps``); nothing was stored.
             QueueUnavailableError: Redis is unreachable.
             StorageError: storage is unreachable or refused.
         """
         if model is None:
-            model = "noise2img" if count is not None and prompts is None else "txt2img"
+            model = DEFAULT_NOISE_MODEL if count is not None and prompts is None else DEFAULT_TEXT_MODEL
         if prompts is not None and count is not None:
-            raise ValidationError("give prompts (txt2img) or count (noise2img), not both", field="prompts")
-        if model == "txt2img" and prompts is None and count is None:
-            raise ValidationError("give prompts (txt2img) or count (noise2img)", field="prompts")
-        if model == "noise2img" and prompts is not None:
-            raise ValidationError("model 'noise2img' takes count, not prompts", field="prompts")
+            raise ValidationError("give prompts (a text profile) or count (a noise profile), not both",
+                                  field="prompts")
+        profiles = load_profiles()
+        task = profiles.resolve(model, upscale=upscale if isinstance(upscale, bool) else True).task
+        if task == "text" and prompts is None and count is None:
+            raise ValidationError(f"give prompts (profile {model!r} is a text profile)", field="prompts")
+        if task == "noise" and prompts is not None:
+            raise ValidationError(f"profile {model!r} is a noise profile: it takes count, not prompts",
+                                  field="prompts")
         fields: dict[str, Any] = {
-            "model": model, "images_per_prompt": images_per_prompt,
+            "model": model, "params": params, "negative_prompt": negative_prompt,
+            "images_per_prompt": images_per_prompt,
             "output": output if output is not None else os.environ.get("GENIMG_OUTPUT"),
             "seed": seed, "image_format": image_format, "quality": quality, "shard_size": shard_size,
             "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
             "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
-        txt = model == "txt2img" and prompts is not None
+        txt = task == "text" and prompts is not None
         size = {"num_prompts": 1} if txt else {"count": count}
-        spec = JobSpec.create(settings=self.spec_settings, **fields, **size)
+        spec = JobSpec.create(settings=self.spec_settings, profiles=profiles, **fields, **size)
         fields.update(job_id=spec.job_id, created_at=spec.created_at)
         stream = _open_prompts(prompts, prompt_column, prompt_format) if txt else None
 
@@ -329,7 +346,7 @@ class Client:
         try:
             if stream is not None:
                 n = self._store_prompts(stream, spec, store, layout, fields)
-                spec = JobSpec.create(settings=self.spec_settings, **fields, num_prompts=n)
+                spec = JobSpec.create(settings=self.spec_settings, profiles=profiles, **fields, num_prompts=n)
             store.put_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", spec.to_json().encode(), "application/json")
             jobs.store_spec(self.redis, self.keys, spec)
         except BaseException:

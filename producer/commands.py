@@ -110,6 +110,22 @@ def _final_exit(st: Any) -> int:
     return EXIT_OK if st.state == "succeeded" else EXIT_JOB_FAILED
 
 
+def _params(items: list[str], model: str | None) -> dict[str, Any]:
+    """``--param KEY=VALUE`` options as a dict, each value typed by the profile's declaration."""
+    from genimg.profiles import load_profiles
+    from genimg.profiles.params import parse_cli_param
+
+    profiles = load_profiles()
+    profile = profiles.profiles.get(model) if model else None
+    out: dict[str, Any] = {}
+    for text in items:
+        key, value = parse_cli_param(text, profile)
+        if key in out:
+            raise ValidationError(f"given twice: {key}", field=f"params.{key}")
+        out[key] = value
+    return out
+
+
 # ---- commands
 
 
@@ -119,10 +135,16 @@ def submit(
         show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option(
         "--prompt", help="A prompt (repeat for more).", show_default=False)] = None,
-    count: Annotated[Optional[int], typer.Option("--count", help="Number of noise samples (noise2img).",
+    count: Annotated[Optional[int], typer.Option("--count", help="Number of images (noise profiles).",
                                                  show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option(
-        "--model", envvar="GENIMG_MODEL", help="txt2img or noise2img (default: from --prompts/--count).")] = None,
+        "--model", envvar="GENIMG_MODEL",
+        help="A model profile (genimg models list); default txt2img with prompts, noise2img with --count.")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", help="A generation parameter KEY=VALUE of the profile (repeat); KEY=1,50,100 is a sweep.",
+        show_default=False)] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option(
+        "--negative-prompt", help="Negative prompt, for profiles that take one.", show_default=False)] = None,
     images_per_prompt: Annotated[Optional[int], typer.Option(
         "--images-per-prompt", help="Images per prompt, 1-64 (default: 1).")] = None,
     output: Annotated[Optional[str], typer.Option(
@@ -136,7 +158,8 @@ def submit(
     sub_batch_size: Annotated[Optional[int], typer.Option(
         "--sub-batch-size", help="Images per Triton request, 1-256 (default: 64).")] = None,
     upscale: Annotated[Optional[bool], typer.Option(
-        "--upscale/--no-upscale", help="Upscale 4x (default: upscale).", show_default=False)] = None,
+        "--upscale/--no-upscale", help="--no-upscale runs the profile's variant without upscaling.",
+        show_default=False)] = None,
     priority: Annotated[Optional[str], typer.Option(
         "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A label for the job.")] = None,
@@ -159,6 +182,8 @@ def submit(
     """Submit a dataset job: validate it, store its prompts and spec, enqueue one task per shard.
 
     Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
+
+    Example: genimg submit --model terrain --count 300 --param difficulty=1,50,100 --output s3://bucket/terrain
     """
     with _exit_codes():
         if prompts_file is not None and prompt:
@@ -167,9 +192,11 @@ def submit(
         int_priority: int | str | None = priority
         if priority is not None and priority.strip().lstrip("-").isdigit():
             int_priority = int(priority)
+        params = _params(param, model) if param else None
         with _client(redis_url, queue, key_prefix) as client:
             job = client.submit(
-                prompts, count=count, model=model, images_per_prompt=images_per_prompt, output=output,
+                prompts, count=count, model=model, params=params, negative_prompt=negative_prompt,
+                images_per_prompt=images_per_prompt, output=output,
                 seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,

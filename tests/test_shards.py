@@ -21,6 +21,7 @@ from genimg.shards import (
     build_manifest,
     build_shard,
     commit_shard,
+    index_schema,
     committed_shards,
     index_from_parquet,
     is_committed,
@@ -49,8 +50,7 @@ def make_items(indices, fmt: str = "png", failed=(), prompt_prefix: str = "a pho
             data = encode(_image(i), fmt, lossless=True) if fmt == "webp" else encode(_image(i), fmt)
             items.append(
                 ShardItem(
-                    **common, image=data, format=fmt, width=10, height=12, label=i % 10, score=0.75,
-                    infer_s=0.25, encode_s=0.125,
+                    **common, image=data, format=fmt, width=10, height=12, infer_s=0.25, encode_s=0.125,
                 )
             )
     return items
@@ -210,7 +210,7 @@ def test_shard_items_reject_inconsistent_fields():
     with pytest.raises(ValidationError):
         ShardItem(**base, image=b"x", format="gif", width=1, height=1)
     with pytest.raises(ValidationError):
-        ShardItem(**base, image=b"x", format="png", width=1, height=1, score=float("nan"))
+        ShardItem(**base, image=b"x", format="png", width=1, height=1, extra={"score": float("nan")})
     with pytest.raises(ValidationError):
         ShardItem(**{**base, "seed": 2**64}, reason="x")
     with pytest.raises(ValidationError):
@@ -319,3 +319,24 @@ def test_verify_manifest_reports_a_missing_tar(s3_store, layout):
 def test_commit_refuses_a_store_for_another_bucket(s3_store):
     with pytest.raises(ValidationError):
         commit_shard(s3_store, Layout(bucket="other-bucket", prefix="", job_id=JOB_ID), 0, make_items([0]))
+
+
+def test_profile_metadata_columns_follow_the_index_columns_in_index_tar_json_and_manifest(s3_store, layout):
+    schema = index_schema({"label": "int", "score": "float"})
+    items = [ShardItem(item_index=i, seed=i, model="m", model_version="abc", profile="p", params={"steps": i},
+                       image=encode(_image(i), "png"), format="png", width=10, height=12,
+                       extra={"label": i % 10, "score": 0.5 + i / 100}) for i in range(3)]
+    commit_shard(s3_store, layout, 0, items, schema=schema)
+    index = read_shard_index(s3_store, layout, 0)
+    assert index.column_names == [*INDEX_SCHEMA.names, "label", "score"]
+    assert index["label"].to_pylist() == [0, 1, 2]
+    assert index["score"].to_pylist() == [0.5, 0.51, 0.52]
+    assert index["params"].to_pylist() == ['{"steps":0}', '{"steps":1}', '{"steps":2}']
+    assert index["profile"].to_pylist() == ["p"] * 3
+    meta = items[1].metadata(JOB_ID)
+    assert (meta["label"], meta["score"], meta["params"], meta["profile"]) == (1, 0.51, {"steps": 1}, "p")
+    manifest = build_manifest(s3_store, layout)
+    assert manifest.column_names == index.column_names and manifest.num_rows == 3
+    with pytest.raises(ValidationError, match="no index column"):
+        build_shard(layout, 1, [ShardItem(item_index=9, seed=9, model="m", model_version="1",
+                                          image=b"x", format="png", width=1, height=1, extra={"other": 1})])

@@ -275,13 +275,13 @@ EDITED_SPECS: list[tuple[str, str | bytes, str]] = [
     ("job_id removed", _edited(drop="job_id"), "job_id"),
     ("created_at removed", _edited(drop="created_at"), "created_at"),
     ("unknown field added", _edited({"pickle": "gASV"}), "pickle"),
-    ("newer schema version", _edited({"schema_version": 2}), "schema_version"),
+    ("newer schema version", _edited({"schema_version": 3}), "schema_version"),
     ("output redirected to http", _edited({"output": "http://evil.example/x"}), "output"),
     ("count added to txt2img", _edited({"count": 5}), "count"),
     ("not JSON", "{not json", "spec"),
     ("a JSON list", "[1, 2]", "spec"),
     ("invalid UTF-8", b'{"seed": "\xff"}', "spec"),
-    ("huge document", _edited({"name": "x" * 70_000}), "spec"),
+    ("huge document", _edited({"name": "x" * 300_000}), "spec"),
 ]
 
 

@@ -20,6 +20,8 @@ from genimg.triton.repo import (
     tensorrt_profiles,
 )
 
+DIGIT_ENSEMBLES = ("txt2img", "noise2img", "txt2img_base", "noise2img_base")
+"""The digit pipelines, declared by the bundled profiles' [serve] sections."""
 TYPES = {"FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL"}
 
 
@@ -29,6 +31,9 @@ def trt_repo(tmp_path_factory: pytest.TempPathFactory, triton_onnx_dir: Path) ->
     (plans / "generator.plan").write_bytes(b"not really an engine")
     return build_repository(tmp_path_factory.mktemp("trt") / "repo", "tensorrt", triton_onnx_dir, instances=2,
                             plan_dir=plans)
+
+
+TYPES_ALL = {**TYPES, "FP16": "TYPE_FP16", "INT64": "TYPE_INT64", "UINT64": "TYPE_UINT64"}
 
 
 def _configs(repo: Path) -> dict:
@@ -72,15 +77,29 @@ def test_every_model_batches_at_least_64_with_dynamic_batching_and_warmup(flavor
 
 
 def test_ensembles_have_no_instances_batcher_or_warmup_as_triton_requires(triton_repo):
-    for name in contract.ENSEMBLES:
+    for name in DIGIT_ENSEMBLES:
         cfg = read_config(triton_repo / name / "config.pbtxt")
         assert cfg.platform == "ensemble"
         assert not cfg.instance_group and not cfg.model_warmup and not cfg.HasField("dynamic_batching")
         assert (triton_repo / name / "1").is_dir()
 
 
+def test_every_profile_model_declares_the_tensors_its_profile_binds(triton_repo):
+    from genimg.profiles import load_profiles
+
+    for profile in load_profiles().profiles.values():
+        cfg = read_config(triton_repo / profile.triton_model / "config.pbtxt")
+        got_in = {t.name: (_dtype_name(t.data_type), tuple(t.dims)) for t in cfg.input}
+        assert got_in == {n: (TYPES_ALL[b.dtype], tuple(b.shape)) for n, b in profile.inputs.items()}, profile.name
+        got_out = {t.name: (_dtype_name(t.data_type), tuple(t.dims)) for t in cfg.output}
+        assert got_out[profile.image.tensor] == (TYPES_ALL[profile.image.dtype], profile.image.dims)
+        for m in profile.metadata.values():
+            assert got_out[m.tensor] == (TYPES_ALL[m.dtype], tuple(m.shape))
+        assert len(cfg.parameters["genimg_sha256"].string_value) == 64, profile.name
+
+
 def test_ensembles_verify_the_28px_generator_output_and_return_the_upscaled_image(triton_repo):
-    for name in contract.ENSEMBLES:
+    for name in DIGIT_ENSEMBLES:
         steps = {s.model_name: s for s in read_config(triton_repo / name / "config.pbtxt").ensemble_scheduling.step}
         gen = steps["generator" if name.startswith("txt2img") else "generator_uncond"]
         small = gen.output_map["IMAGE"]
@@ -155,7 +174,7 @@ def test_tensorrt_batch_limits_fit_the_engines_optimisation_profiles(trt_repo):
 def test_tensorrt_plans_are_copied_and_missing_ones_listed(trt_repo):
     manifest = json.loads((trt_repo / MANIFEST).read_text())
     assert (trt_repo / "generator" / "1" / "model.plan").read_bytes() == b"not really an engine"
-    assert manifest["plans_missing"] == ["generator_uncond", "upscaler", "verifier"]
+    assert manifest["plans_missing"] == ["generator_uncond", "terrain", "upscaler", "verifier"]
     assert manifest["tensorrt_profiles"] == tensorrt_profiles()
 
 
@@ -201,5 +220,7 @@ def test_a_foreign_non_empty_directory_is_not_replaced_but_an_earlier_build_is(t
 def test_manifest_records_flavour_options_and_file_hashes(triton_repo):
     manifest = json.loads((triton_repo / MANIFEST).read_text())
     assert manifest["flavor"] == "cpu" and manifest["max_batch_size"] == 256
-    assert set(manifest["sha256"]) == set(contract.MODELS)
+    assert set(manifest["sha256"]) == {*contract.MODELS, "terrain", *DIGIT_ENSEMBLES}
+    assert manifest["ensembles"] == sorted(DIGIT_ENSEMBLES)
+    assert manifest["profiles"] == sorted([*DIGIT_ENSEMBLES, "terrain"])
     assert manifest["extra_models"] == ["prompt_echo"]

@@ -28,6 +28,13 @@ from workers.config import WorkerSettings, celery_config
 
 log = logging.getLogger(__name__)
 
+
+def required_models() -> list[str]:
+    """The Triton models a worker needs ready before it takes a shard: every profile's (``GENIMG_PROFILES_DIR``)."""
+    from genimg.profiles import load_profiles
+
+    return load_profiles().triton_models()
+
 SETTINGS = WorkerSettings()
 register_url_secret(SETTINGS.redis_url.get_secret_value())  # no log line shows the Redis password (C7)
 app = Celery("genimg")
@@ -93,7 +100,7 @@ def context() -> WorkerContext:
             tset = TritonSettings.from_env()
             client = InferenceClient.from_settings(tset)
             try:
-                client.wait_ready(["txt2img", "noise2img"], timeout_s=tset.triton_ready_timeout_s)
+                client.wait_ready(required_models(), timeout_s=tset.triton_ready_timeout_s)
             except BaseException:
                 client.close()  # the shard is retried and builds a new one
                 raise

@@ -32,7 +32,9 @@ def _probe() -> int:
     try:
         redis.Redis.from_url(s.redis_url.get_secret_value(), socket_connect_timeout=3, socket_timeout=3).ping()
         with InferenceClient.from_settings(TritonSettings.from_env()) as client:
-            client.wait_ready(["txt2img", "noise2img"], timeout_s=3)
+            from workers.app import required_models
+
+            client.wait_ready(required_models(), timeout_s=3)
     except (redis.RedisError, GenImgError) as e:
         typer.echo(f"worker check failed: {type(e).__name__}: {e}", err=True)
         return 1

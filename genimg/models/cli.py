@@ -126,6 +126,46 @@ def build_engines(onnx_dir: Path = typer.Option(DEFAULT_ONNX_DIR, help="ONNX fil
         typer.echo(f"{name}\t{path}")
 
 
+@app.command("list")
+def list_(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: profiles and broken files."),
+    profiles_dir: Path | None = typer.Option(None, "--profiles-dir", envvar="GENIMG_PROFILES_DIR",
+                                             help="Profiles directory (default: the bundled profiles)."),
+) -> None:
+    """List every model profile: task, image size, parameters (type, bounds, default) and licence.
+
+    Example: genimg models list --json
+    """
+    from genimg.errors import ValidationError
+    from genimg.profiles import load_profiles
+
+    try:
+        found = load_profiles(profiles_dir)
+    except ValidationError as e:
+        typer.echo(f"genimg: {e}", err=True)
+        raise typer.Exit(2) from None
+    rows = [p.summary() for p in found.profiles.values()]
+    if as_json:
+        typer.echo(json.dumps({"directory": str(found.directory), "profiles": rows, "errors": found.errors},
+                              sort_keys=True))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("profile", "task", "image", "parameters", "licence", title=f"profiles in {found.directory}")
+        for r in rows:
+            params = "; ".join(
+                f"{n}: {p['type']}" + (f" [{p.get('min')}, {p.get('max')}]" if "min" in p or "max" in p else "")
+                + (f" {p['choices']}" if "choices" in p else "") + f" = {p['default']}"
+                for n, p in r["params"].items()) or "-"
+            table.add_row(r["name"], r["task"], r["image"], params, r["licence"])
+        Console(width=160).print(table)
+        for path, why in found.errors.items():
+            typer.echo(f"broken profile {path}: {why}", err=True)
+    if found.errors:
+        raise typer.Exit(1)
+
+
 from genimg.triton.cli_build import build_repo  # noqa: E402 - the repository builder lives with the Triton code
 
 app.command("build-repo")(build_repo)

@@ -85,13 +85,18 @@ def serve(
 def ready(
     url: str = typer.Option("127.0.0.1:8001", envvar="GENIMG_TRITON_URL", help="Triton endpoint."),
     protocol: str = typer.Option("grpc", envvar="GENIMG_TRITON_PROTOCOL", help="grpc or http."),
-    model: list[str] = typer.Option(["txt2img", "noise2img"], help="Models that must be ready (repeatable)."),
+    model: list[str] = typer.Option([], help="Models that must be ready (repeatable); default every "
+                                             "profile's model (GENIMG_PROFILES_DIR)."),
     timeout_s: float = typer.Option(5.0, help="Seconds to wait."),
 ) -> None:
     """Exit 0 when Triton at URL has every MODEL ready, 1 otherwise (a readiness probe)."""
     from genimg.triton.client import InferenceClient
 
     try:
+        if not model:
+            from genimg.profiles import load_profiles
+
+            model = load_profiles().triton_models()
         with InferenceClient(url, protocol, timeout_s=timeout_s) as client:
             client.wait_ready(model, timeout_s)
     except GenImgError as e:

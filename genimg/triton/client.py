@@ -55,9 +55,12 @@ from genimg.triton.contract import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 
+VERSION_PARAMETER = "genimg_sha256"
+"""Model config parameter holding the sha256 of the served model files (written by the repository builder)."""
+
 _NP = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "UINT8": np.uint8, "INT8": np.int8,
        "INT32": np.int32, "INT64": np.int64, "UINT16": np.uint16, "INT16": np.int16, "BOOL": np.bool_,
-       "BYTES": np.object_}
+       "UINT32": np.uint32, "UINT64": np.uint64, "BYTES": np.object_}
 _POLL_S = 0.2
 
 
@@ -70,12 +73,15 @@ class ModelMeta:
         inputs: ``{name: (dtype, item_dims)}`` with item dims excluding the batch axis (-1 = any).
         outputs: same, for outputs.
         max_batch_size: largest batch one request may carry (0 = model does not batch).
+        version: the content hash genimg's repository builder records in the config's
+            ``genimg_sha256`` parameter (first 16 hex digits), else Triton's version(s), e.g. ``"1"``.
     """
 
     name: str
     inputs: dict[str, tuple[str, tuple[int, ...]]]
     outputs: dict[str, tuple[str, tuple[int, ...]]]
     max_batch_size: int
+    version: str = "1"
 
 
 def _status(e: Exception) -> str:
@@ -284,8 +290,10 @@ class InferenceClient:
             shape = tuple(int(d) for d in t["shape"])
             return t["datatype"], shape[1:] if mbs > 0 else shape
 
+        sha = (cfg.get("parameters") or {}).get(VERSION_PARAMETER, {}).get("string_value", "")
+        version = sha[:16] if sha else ",".join(str(v) for v in md.get("versions") or ["1"])
         meta = ModelMeta(model, {t["name"]: dims(t) for t in md["inputs"]},
-                         {t["name"]: dims(t) for t in md["outputs"]}, mbs)
+                         {t["name"]: dims(t) for t in md["outputs"]}, mbs, version)
         with self._lock:
             self._meta[model] = meta
         return meta

@@ -17,14 +17,11 @@ is a variable-size dimension. Dtypes are Triton's names (``FP32``, ``UINT8``,
 | ``generator_uncond`` | ``Z`` FP32 [100] | ``IMAGE`` UINT8 [28, 28, 1], ``FINITE`` BOOL [1] |
 | ``upscaler`` | ``IMAGE`` UINT8 [-1, -1, -1] | ``UPSCALED`` UINT8 [-1, -1, -1] (4H, 4W, C) |
 | ``verifier`` | ``IMAGE`` UINT8 [28, 28, 1] | ``LABEL`` INT32 [1], ``SCORE`` FP32 [1] |
-| ``txt2img`` | ``PROMPT`` BYTES [1], ``Z`` FP32 [100] | ``IMAGE`` UINT8 [112, 112, 1], ``LABEL``, ``SCORE``, ``FINITE`` |
-| ``noise2img`` | ``Z`` FP32 [100] | ``IMAGE`` UINT8 [112, 112, 1], ``LABEL``, ``SCORE``, ``FINITE`` |
-| ``txt2img_base`` | ``PROMPT`` BYTES [1], ``Z`` FP32 [100] | ``IMAGE`` UINT8 [28, 28, 1], ``LABEL``, ``SCORE``, ``FINITE`` |
-| ``noise2img_base`` | ``Z`` FP32 [100] | ``IMAGE`` UINT8 [28, 28, 1], ``LABEL``, ``SCORE``, ``FINITE`` |
 
 ``FINITE`` is computed on the generator's float output before the uint8 cast
 (which would hide NaN or inf): false means the image is not usable (case C9).
-The ``_base`` ensembles skip the upscaler (jobs with ``upscale`` off).
+The ensembles that join these models (the digit pipelines, with and without
+the upscaler) are declared by the digit profiles (``genimg/profiles/bundled/``).
 
 The upscaler's output is ``UPSCALED`` (not ``IMAGE`` as in the first
 design table) because a TensorRT engine cannot give an input and an output
@@ -131,25 +128,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 """The single models, by name."""
 
-_VERIFY = (("verifier", {"IMAGE": "small_image"}, {"LABEL": "LABEL", "SCORE": "SCORE"}),)
-_UPSCALE = (("upscaler", {"IMAGE": "small_image"}, {"UPSCALED": "IMAGE"}),)
-_TXT_HEAD = (("text_encoder", {"PROMPT": "PROMPT"}, {"EMBEDDING": "embedding"}),
-             ("generator", {"Z": "Z", "COND": "embedding"}, {"IMAGE": "small_image", "FINITE": "FINITE"}))
-_NOISE_HEAD = (("generator_uncond", {"Z": "Z"}, {"IMAGE": "small_image", "FINITE": "FINITE"}),)
-# In the _base ensembles the generator's image is itself the ensemble output IMAGE.
-_BASE_VERIFY = (("verifier", {"IMAGE": "IMAGE"}, {"LABEL": "LABEL", "SCORE": "SCORE"}),)
-_TXT_BASE = (_TXT_HEAD[0], ("generator", {"Z": "Z", "COND": "embedding"}, {"IMAGE": "IMAGE", "FINITE": "FINITE"}))
-_NOISE_BASE = (("generator_uncond", {"Z": "Z"}, {"IMAGE": "IMAGE", "FINITE": "FINITE"}),)
-
-ENSEMBLES: dict[str, ModelSpec] = {
-    "txt2img": ModelSpec("txt2img", (PROMPT, Z), (BIG, LABEL, SCORE, FINITE), steps=_TXT_HEAD + _UPSCALE + _VERIFY),
-    "noise2img": ModelSpec("noise2img", (Z,), (BIG, LABEL, SCORE, FINITE), steps=_NOISE_HEAD + _UPSCALE + _VERIFY),
-    "txt2img_base": ModelSpec("txt2img_base", (PROMPT, Z), (SMALL, LABEL, SCORE, FINITE),
-                              steps=_TXT_BASE + _BASE_VERIFY),
-    "noise2img_base": ModelSpec("noise2img_base", (Z,), (SMALL, LABEL, SCORE, FINITE),
-                                steps=_NOISE_BASE + _BASE_VERIFY),
-}
-"""The ensembles, by name. The verifier scores the 28x28 generator output, not the upscaled image."""
-
-ALL: dict[str, ModelSpec] = {**MODELS, **ENSEMBLES}
-"""Every served model and ensemble, by name."""
+ALL: dict[str, ModelSpec] = dict(MODELS)
+"""genimg's own single models, by name. Pipelines (ensembles) over them are declared by the model
+profiles in ``genimg/profiles/bundled/`` and written by :mod:`genimg.triton.profile_repo`."""

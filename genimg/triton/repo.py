@@ -10,8 +10,9 @@ Layout written by :func:`build_repository` (a standard Triton model repository):
       generator/config.pbtxt          cpu: Python backend + ONNX Runtime; tensorrt: tensorrt_plan
       generator/1/{model.py, genimg_ort.py, model.onnx}   (tensorrt: model.plan from --plan-dir)
       generator_uncond/ upscaler/ verifier/   as generator
-      txt2img/config.pbtxt, txt2img/1/         ensembles (an empty version directory)
-      noise2img/config.pbtxt, noise2img/1/
+      <profile models>/ <profile ensembles>/   what each profile's [serve] declares
+                                      (genimg/triton/profile_repo.py): the digit ensembles,
+                                      fetched ONNX models such as terrain
 
 Tensor names, dtypes and shapes come from :mod:`genimg.triton.contract`, and
 ``config.pbtxt`` files are built as ``model_config_pb2.ModelConfig`` messages
@@ -38,8 +39,10 @@ import tempfile
 from pathlib import Path
 
 from genimg.errors import ConfigError, ModelError, ValidationError
+from genimg.profiles.registry import Profiles, load_profiles
 from genimg.triton import contract
 from genimg.triton.contract import ModelSpec, TensorSpec
+from genimg.triton.profile_repo import VERSION_PARAMETER, build_profile_models
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,9 @@ WARMUP_PROMPT = "a handwritten seven"
 """The text encoder's warmup prompt."""
 WARMUP_IMAGE_DIMS = (contract.IMAGE_SIDE, contract.IMAGE_SIDE, 1)
 """Warmup shape of variable-size image inputs (the upscaler's), H x W x C."""
-_DTYPES = {"FP32": "TYPE_FP32", "UINT8": "TYPE_UINT8", "INT32": "TYPE_INT32", "BYTES": "TYPE_STRING",
+_DTYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16", "FP64": "TYPE_FP64", "UINT8": "TYPE_UINT8",
+           "UINT16": "TYPE_UINT16", "UINT32": "TYPE_UINT32", "UINT64": "TYPE_UINT64", "INT8": "TYPE_INT8",
+           "INT16": "TYPE_INT16", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING",
            "BOOL": "TYPE_BOOL"}
 
 
@@ -144,19 +149,6 @@ def model_config(spec: ModelSpec, flavor: str, *, instances: int = 1,
                 inp.random_data = True
             else:
                 inp.zero_data = True
-    return cfg
-
-
-def ensemble_config(spec: ModelSpec, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
-    """The ``ModelConfig`` of an ensemble (``platform: "ensemble"``, steps from the contract)."""
-    pb, _ = _pb()
-    cfg = pb.ModelConfig(name=spec.name, platform="ensemble", max_batch_size=max_batch_size)
-    cfg.input.extend(_io(pb, t, pb.ModelInput) for t in spec.inputs)
-    cfg.output.extend(_io(pb, t, pb.ModelOutput) for t in spec.outputs)
-    for model, inputs, outputs in spec.steps:
-        step = cfg.ensemble_scheduling.step.add(model_name=model, model_version=-1)
-        step.input_map.update(inputs)
-        step.output_map.update(outputs)
     return cfg
 
 
@@ -268,8 +260,8 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, intra_op_threads: int = 1,
                      queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, tokenizer_json: str | os.PathLike[str] | None = None,
                      plan_dir: str | os.PathLike[str] | None = None, with_echo: bool = False,
-                     overwrite: bool = False) -> Path:
-    """Write a Triton model repository for genimg's models and ensembles.
+                     overwrite: bool = False, profiles: Profiles | None = None) -> Path:
+    """Write a Triton model repository: genimg's own models, then what each profile's ``[serve]`` declares.
 
     Args:
         out_dir: repository directory; created, or replaced if it holds an earlier build
@@ -288,6 +280,8 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
             the manifest under ``plans_missing`` (Triton will not load those models).
         with_echo: also add the diagnostic ``prompt_echo`` model (BYTES identity).
         overwrite: replace a non-empty ``out_dir`` that is not an earlier build.
+        profiles: the profiles whose models and ensembles to serve (:mod:`genimg.triton.profile_repo`);
+            default the profiles directory (``GENIMG_PROFILES_DIR``, else the bundled profiles).
 
     Returns:
         the repository path.
@@ -295,7 +289,8 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
     Raises:
         ValidationError: an option is out of range.
         ConfigError: ``out_dir`` is non-empty, not an earlier build, and ``overwrite`` is false.
-        ModelError: an ONNX file is missing or does not match the contract.
+        ModelError: an ONNX file is missing or does not match the contract, a profile's model
+            cannot be fetched or read, or an ensemble step names a model that is not there.
     """
     if flavor not in FLAVORS:
         raise ValidationError(f"must be one of {FLAVORS}, got {flavor!r}", field="flavor")
@@ -330,7 +325,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
     shas: dict[str, str] = {}
     for name, spec in contract.MODELS.items():
         mdir = out / name
-        write_config(model_config(spec, flavor, **opts), mdir)
+        cfg = model_config(spec, flavor, **opts)
         if flavor == "cpu" or name == "text_encoder":
             src = onnx / str(spec.onnx_file)
             _copy_python_model(mdir, "text_encoder.py" if name == "text_encoder" else "onnx_model.py", src)
@@ -344,17 +339,24 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
         if name == "text_encoder":
             shutil.copyfile(tokenizer_json, mdir / "1" / "tokenizer.json")
             _write_warmup_prompt(mdir)
-    for name, spec in contract.ENSEMBLES.items():
-        write_config(ensemble_config(spec, max_batch_size), out / name)
-        (out / name / "1").mkdir(exist_ok=True)
+        if name in shas:
+            cfg.parameters[VERSION_PARAMETER].string_value = shas[name]
+        write_config(cfg, mdir)
+    registry = profiles if profiles is not None else load_profiles()
+    extra_models, ensembles = build_profile_models(
+        out, registry, flavor, shas, pb=pb, write_config=write_config, copy_model=_copy_python_model,
+        dtypes=_DTYPES, preferred=preferred_batch_sizes(max_batch_size), plan_dir=Path(plan_dir) if plan_dir else None,
+        instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
+        queue_delay_us=queue_delay_us)
     if with_echo:
         write_config(_echo_config(pb, max_batch_size), out / "prompt_echo")
         _copy_python_model(out / "prompt_echo", "prompt_echo.py", None)
-    manifest = {"flavor": flavor, **opts, "models": sorted(contract.MODELS), "ensembles": sorted(contract.ENSEMBLES),
+    manifest = {"flavor": flavor, **opts, "models": sorted([*contract.MODELS, *extra_models]),
+                "ensembles": sorted(ensembles), "profiles": sorted(registry.profiles),
                 "extra_models": ["prompt_echo"] if with_echo else [], "sha256": shas}
     if flavor == "tensorrt":
         manifest["tensorrt_profiles"] = tensorrt_profiles()
-        manifest["plans_missing"] = sorted(n for n in contract.MODELS
+        manifest["plans_missing"] = sorted(n for n in [*contract.MODELS, *extra_models]
                                            if n != "text_encoder" and not (out / n / "1" / "model.plan").is_file())
         if manifest["plans_missing"]:
             log.warning("no TensorRT plans for %s yet: run `genimg models build-engines` on a GPU machine and "

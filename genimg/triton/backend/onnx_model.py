@@ -12,6 +12,11 @@ over together are concatenated along the batch axis and run in one ONNX
 Runtime call per group of equal per-item shapes (the upscaler takes any
 H x W x C), then split back per request.
 
+Rank-1 tensors: an ONNX tensor of shape ``[batch]`` (e.g. a diffusion model's
+``sigma``) is declared ``[1]`` in ``config.pbtxt`` (Triton needs a per-item
+dim); it arrives as ``[B, 1]`` and is flattened to ``[B]`` here, and a rank-1
+output is returned as ``[B, 1]``.
+
 Model config parameters: ``onnx_file``, ``intra_op_threads``, ``providers``
 (see ``genimg_ort.py``, copied next to this file).
 """
@@ -33,6 +38,8 @@ class TritonPythonModel:
         self.output_names = [t["name"] for t in config["output"]]
         onnx_inputs = {i.name for i in self.session.get_inputs()}
         onnx_outputs = {o.name for o in self.session.get_outputs()}
+        self.flat_inputs = {i.name for i in self.session.get_inputs() if len(i.shape) == 1}
+        self.flat_outputs = {o.name for o in self.session.get_outputs() if len(o.shape) == 1}
         missing = (set(self.input_names) - onnx_inputs) | (set(self.output_names) - onnx_outputs)
         if missing:
             raise pb_utils.TritonModelException(
@@ -41,7 +48,10 @@ class TritonPythonModel:
     def execute(self, requests):
         feeds = []
         for request in requests:
-            feeds.append({n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names})
+            feed = {n: pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.input_names}
+            for n in self.flat_inputs:
+                feed[n] = feed[n].reshape(-1)
+            feeds.append(feed)
         groups = {}
         for i, feed in enumerate(feeds):
             key = tuple(feed[n].shape[1:] + (feed[n].dtype.str,) for n in self.input_names)
@@ -58,8 +68,9 @@ class TritonPythonModel:
                 continue
             start = 0
             for i, size in zip(members, sizes):
-                tensors = [pb_utils.Tensor(n, np.ascontiguousarray(o[start:start + size]))
-                           for n, o in zip(self.output_names, outs)]
+                tensors = [pb_utils.Tensor(n, np.ascontiguousarray(
+                    o[start:start + size].reshape(size, 1) if n in self.flat_outputs else o[start:start + size]))
+                    for n, o in zip(self.output_names, outs)]
                 responses[i] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start += size
         return responses
