@@ -137,14 +137,18 @@ def read_images(profile: ModelProfile, out: Mapping[str, np.ndarray]) -> tuple[n
 
 
 def read_metadata(profile: ModelProfile, out: Mapping[str, np.ndarray], row: int) -> dict[str, Any]:
-    """The metadata columns of item ``row``: the first element of each declared output, as its column type."""
+    """The metadata columns of item ``row``: the first element of each declared output, as its column type.
+
+    A non-finite float becomes ``None`` (a null in the index; JSON has no NaN).
+    """
     values: dict[str, Any] = {}
     for column, m in profile.metadata.items():
         x = np.asarray(out[m.tensor])[row].reshape(-1)[0]
         if m.type == "int":
             values[column] = int(x)
         elif m.type == "float":
-            values[column] = float(np.float32(x))
+            f = float(x)
+            values[column] = f if math.isfinite(f) else None  # JSON has no NaN; the column is null
         elif m.type == "bool":
             values[column] = bool(x)
         else:

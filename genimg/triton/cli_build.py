@@ -36,17 +36,29 @@ def build_repo(
     intra_op_threads: int = typer.Option(1, min=1, help="ONNX Runtime threads per Python-backend instance."),
     queue_delay_us: int = typer.Option(2000, min=0, help="Dynamic batcher max queue delay, microseconds."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT that is not an earlier build."),
+    profiles_dir: Path | None = typer.Option(None, "--profiles-dir", envvar="GENIMG_PROFILES_DIR",
+                                             help="Profiles whose [serve] models and ensembles to write "
+                                                  "(default: the bundled profiles)."),
+    profiles_only: bool = typer.Option(False, "--profiles-only",
+                                       help="Only the profiles' models: no digit models (no ONNX export)."),
 ) -> None:
-    """Write a Triton model repository of genimg's models and the txt2img / noise2img ensembles."""
+    """Write a Triton model repository: genimg's own models, then every profile's [serve] models and ensembles.
+
+    Example: genimg models build-repo --profiles-dir my_profiles --profiles-only --out my_repository
+    """
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from genimg.profiles import load_profiles
     from genimg.triton.repo import build_repository
 
     try:
+        profiles = load_profiles(profiles_dir)
+        for path_, why in profiles.errors.items():
+            typer.echo(f"warning: skipped profile {path_}: {why}", err=True)
         path = build_repository(out, flavor.value, onnx_dir, instances=instances, max_batch_size=max_batch_size,
                                 intra_op_threads=intra_op_threads, queue_delay_us=queue_delay_us, plan_dir=plan_dir,
-                                overwrite=force)
+                                overwrite=force, profiles=profiles, genimg_models=not profiles_only)
     except GenImgError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

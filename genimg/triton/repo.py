@@ -260,7 +260,8 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, intra_op_threads: int = 1,
                      queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, tokenizer_json: str | os.PathLike[str] | None = None,
                      plan_dir: str | os.PathLike[str] | None = None, with_echo: bool = False,
-                     overwrite: bool = False, profiles: Profiles | None = None) -> Path:
+                     overwrite: bool = False, profiles: Profiles | None = None,
+                     genimg_models: bool = True) -> Path:
     """Write a Triton model repository: genimg's own models, then what each profile's ``[serve]`` declares.
 
     Args:
@@ -282,6 +283,8 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
         overwrite: replace a non-empty ``out_dir`` that is not an earlier build.
         profiles: the profiles whose models and ensembles to serve (:mod:`genimg.triton.profile_repo`);
             default the profiles directory (``GENIMG_PROFILES_DIR``, else the bundled profiles).
+        genimg_models: also write genimg's own single models (the digit models, from ONNX
+            exported from the committed weights); ``False`` for a repository of your profiles only.
 
     Returns:
         the repository path.
@@ -310,11 +313,12 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
         if not overwrite and not (out / MANIFEST).is_file():
             raise ConfigError(f"{out} is not empty; pass overwrite=True (--force) to replace it")
         shutil.rmtree(out)
-    onnx = Path(onnx_dir) if onnx_dir is not None else ensure_onnx()
-    needed = contract.MODELS.values() if flavor == "cpu" else [contract.MODELS["text_encoder"]]
+    own = dict(contract.MODELS) if genimg_models else {}
+    onnx = (Path(onnx_dir) if onnx_dir is not None else ensure_onnx()) if own else Path()
+    needed = list(own.values()) if flavor == "cpu" else [m for n, m in own.items() if n == "text_encoder"]
     for spec in needed:
         check_onnx(onnx / str(spec.onnx_file), spec)
-    if tokenizer_json is None:
+    if tokenizer_json is None and own:
         from genimg.models.text_encoder import package_model_dir
 
         tokenizer_json = package_model_dir() / "tokenizer.json"
@@ -323,7 +327,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
     opts = dict(instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
                 queue_delay_us=queue_delay_us)
     shas: dict[str, str] = {}
-    for name, spec in contract.MODELS.items():
+    for name, spec in own.items():
         mdir = out / name
         cfg = model_config(spec, flavor, **opts)
         if flavor == "cpu" or name == "text_encoder":
@@ -337,6 +341,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
                 shutil.copyfile(plan, mdir / "1" / "model.plan")
                 shas[name] = _sha256(plan)
         if name == "text_encoder":
+            assert tokenizer_json is not None
             shutil.copyfile(tokenizer_json, mdir / "1" / "tokenizer.json")
             _write_warmup_prompt(mdir)
         if name in shas:
@@ -351,12 +356,12 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
     if with_echo:
         write_config(_echo_config(pb, max_batch_size), out / "prompt_echo")
         _copy_python_model(out / "prompt_echo", "prompt_echo.py", None)
-    manifest = {"flavor": flavor, **opts, "models": sorted([*contract.MODELS, *extra_models]),
+    manifest = {"flavor": flavor, **opts, "models": sorted([*own, *extra_models]),
                 "ensembles": sorted(ensembles), "profiles": sorted(registry.profiles),
                 "extra_models": ["prompt_echo"] if with_echo else [], "sha256": shas}
     if flavor == "tensorrt":
         manifest["tensorrt_profiles"] = tensorrt_profiles()
-        manifest["plans_missing"] = sorted(n for n in [*contract.MODELS, *extra_models]
+        manifest["plans_missing"] = sorted(n for n in [*own, *extra_models]
                                            if n != "text_encoder" and not (out / n / "1" / "model.plan").is_file())
         if manifest["plans_missing"]:
             log.warning("no TensorRT plans for %s yet: run `genimg models build-engines` on a GPU machine and "
