@@ -14,11 +14,13 @@ shard computed twice, or with another sub-batch size, gives the same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,7 +30,15 @@ from genimg.errors import NonFiniteOutputError
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key, prompt_chunks_for_items
 from genimg.profiles.params import batch_key
 from genimg.profiles.schema import ModelProfile
-from genimg.profiles.tensors import build_inputs, check_served, item_values, read_images, read_metadata
+from genimg.profiles.tensors import (
+    build_inputs,
+    check_served,
+    check_stage,
+    item_values,
+    read_images,
+    read_metadata,
+    stage_outputs,
+)
 from genimg.seeds import item_seeds
 from genimg.shards import Layout, ShardItem, commit_shard, index_schema
 from genimg.spec import JobSpec, item_to_prompt_index
@@ -105,8 +115,14 @@ class Infer:
         key = (profile.triton_model, profile.model_dump_json())
         if key not in self._checked:
             check_served(profile, meta.inputs, meta.outputs)
+            if profile.prompt_stage is not None:
+                stage = self.client.model_metadata(profile.prompt_stage.model)
+                check_stage(profile, stage.inputs, stage.outputs)
             self._checked.add(key)
-        return meta.version
+        if profile.prompt_stage is None:
+            return meta.version
+        stage_version = self.client.model_metadata(profile.prompt_stage.model).version
+        return hashlib.sha256(f"{stage_version}+{meta.version}".encode()).hexdigest()[:16]
 
     def __call__(self, model: str, inputs: dict, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         return self.client.infer(model, inputs, outputs=outputs)
@@ -123,6 +139,52 @@ def load_prompts(store: ObjectStore, layout: Layout, spec: JobSpec, start: int, 
         for j, p in enumerate(decode_prompt_chunk(store.get_bytes(f"{layout.job_prefix}/{prompt_chunk_key(c)}"))):
             prompts[c * chunk + j] = p
     return [prompts[item_to_prompt_index(i, spec.images_per_prompt)] for i in range(start, stop)]
+
+
+class PromptStageCache:
+    """The prompt stage's outputs for each distinct prompt of one shard, each computed once.
+
+    Requests in flight share the cache: the thread that first needs a prompt
+    computes it (in batches of at most ``batch`` distinct prompts); another
+    thread that needs it waits for that result. A failure fails every waiter
+    (the shard is retried whole).
+    """
+
+    def __init__(self, profile: ModelProfile, infer: Callable[..., dict[str, np.ndarray]], batch: int) -> None:
+        assert profile.prompt_stage is not None
+        self.stage, self.infer, self.batch = profile.prompt_stage, infer, max(1, batch)
+        self.outputs = stage_outputs(profile)
+        self._rows: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self.computed = 0
+
+    def gather(self, prompts: list[str | None]) -> dict[str, np.ndarray]:
+        """``{stage output: array [len(prompts), ...]}``, row ``k`` for ``prompts[k]``.
+
+        Raises:
+            whatever the stage's inference raises (RetryableError or PermanentError subclasses).
+        """
+        texts = [p or "" for p in prompts]
+        mine: list[tuple[str, Future]] = []
+        with self._lock:
+            for p in dict.fromkeys(texts):
+                if p not in self._rows:
+                    self._rows[p] = Future()
+                    mine.append((p, self._rows[p]))
+        try:
+            for i in range(0, len(mine), self.batch):
+                chunk = mine[i:i + self.batch]
+                out = self.infer(self.stage.model, {self.stage.prompt_input: [p for p, _ in chunk]}, self.outputs)
+                for k, (_, f) in enumerate(chunk):
+                    f.set_result({o: out[o][k] for o in self.outputs})
+                self.computed += len(chunk)
+        except BaseException as e:
+            for _, f in mine:
+                if not f.done():
+                    f.set_exception(e)
+            raise
+        rows = {p: self._rows[p].result() for p in dict.fromkeys(texts)}
+        return {o: np.stack([rows[p][o] for p in texts]) for o in self.outputs}
 
 
 def plan_requests(spec: JobSpec, indices: np.ndarray, seeds: np.ndarray, prompts: list[str | None]
@@ -194,9 +256,12 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
     seeds = item_seeds(spec.seed, indices)
     batches = plan_requests(spec, indices, seeds, prompts)
 
+    stage = PromptStageCache(profile, infer, spec.sub_batch_size) if profile.prompt_stage else None
+
     def run_infer(b: _SubBatch) -> _SubBatch:
+        per_prompt = stage.gather(b.prompts) if stage is not None else None
         inputs = build_inputs(profile, seeds=b.seeds, prompts=b.prompts, item_values=b.values,
-                              negative_prompt=spec.negative_prompt)
+                              negative_prompt=spec.negative_prompt, per_prompt=per_prompt)
         t = time.perf_counter()
         b.out = infer(model, inputs, wanted)
         b.infer_s = time.perf_counter() - t

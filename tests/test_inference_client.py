@@ -88,7 +88,8 @@ def test_verifier_labels_and_scores_are_in_range_and_match_in_process(triton_cli
 
 def test_txt2img_ensemble_equals_the_in_process_pipeline(triton_client, onnx_reference):
     z = _noise(len(PROMPTS), seed=4)
-    out = triton_client.infer("txt2img", {"PROMPT": PROMPTS, "Z": z})
+    cond = triton_client.infer("text_encoder", {"PROMPT": PROMPTS})["EMBEDDING"]  # the profile's prompt stage
+    out = triton_client.infer("txt2img", {"COND": cond, "Z": z})
     assert out["IMAGE"].shape == (len(PROMPTS), contract.OUT_SIDE, contract.OUT_SIDE, 1)
     assert (out["IMAGE"].dtype, out["LABEL"].dtype, out["SCORE"].dtype) == (np.uint8, np.int32, np.float32)
     _check_range("txt2img", out)
@@ -159,7 +160,7 @@ def test_a_nul_terminated_prompt_embeds_like_the_prompt_without_it(triton_client
 
 def test_a_prompt_over_the_limit_is_rejected_before_sending(triton_client):
     with pytest.raises(ValidationError, match="2000"):
-        triton_client.infer("txt2img", {"PROMPT": ["y" * (contract.MAX_PROMPT_CHARS + 1)], "Z": _noise(1)})
+        triton_client.infer("text_encoder", {"PROMPT": ["y" * (contract.MAX_PROMPT_CHARS + 1)]})
 
 
 @pytest.mark.parametrize("prompts, match", [
@@ -193,7 +194,7 @@ def test_float_images_are_not_silently_cast_to_uint8(triton_client):
 
 def test_inputs_with_different_batch_sizes_are_rejected(triton_client):
     with pytest.raises(ValidationError, match="batch sizes"):
-        triton_client.infer("txt2img", {"PROMPT": ["a", "b"], "Z": _noise(3)})
+        triton_client.infer("txt2img", {"COND": np.zeros((2, contract.EMBED_DIM)), "Z": _noise(3)})
 
 
 def test_an_empty_batch_returns_empty_outputs_without_a_request(triton_client):
@@ -223,7 +224,7 @@ def test_requests_are_kept_under_the_message_size_limit(triton_server):
 def test_an_unreachable_server_raises_unavailable(protocol):
     with InferenceClient(f"127.0.0.1:{free_port()}", protocol, timeout_s=2) as c:
         with pytest.raises(InferenceUnavailableError) as info:
-            c.infer("txt2img", {"PROMPT": ["a"], "Z": _noise(1)})
+            c.infer("text_encoder", {"PROMPT": ["a"]})
         assert info.value.__cause__ is not None
         with pytest.raises(InferenceUnavailableError, match="not ready"):
             c.wait_ready(["txt2img"], timeout_s=0.5)

@@ -111,7 +111,7 @@ def test_ensembles_verify_the_28px_generator_output_and_return_the_upscaled_imag
             assert steps["upscaler"].input_map["IMAGE"] == small
             assert steps["upscaler"].output_map["UPSCALED"] == "IMAGE"
     txt = {s.model_name: s for s in read_config(triton_repo / "txt2img" / "config.pbtxt").ensemble_scheduling.step}
-    assert txt["generator"].input_map["COND"] == txt["text_encoder"].output_map["EMBEDDING"]
+    assert txt["generator"].input_map["COND"] == "COND" and "text_encoder" not in txt  # per prompt, before it
 
 
 def test_cpu_flavour_runs_python_backend_onnx_models_on_cpu_instances(triton_repo):

@@ -113,8 +113,10 @@ class Profiles:
         return self.get(profile.without_upscale)
 
     def triton_models(self) -> list[str]:
-        """Every Triton model or ensemble these profiles call, sorted."""
-        return sorted({p.triton_model for p in self.profiles.values()})
+        """Every Triton model or ensemble these profiles call (their prompt stages included), sorted."""
+        names = {p.triton_model for p in self.profiles.values()}
+        names |= {p.prompt_stage.model for p in self.profiles.values() if p.prompt_stage}
+        return sorted(names)
 
 
 def load_profiles(directory: str | os.PathLike[str] | None = None) -> Profiles:

@@ -100,7 +100,9 @@ class InputBinding(_Strict):
         kind: ``prompt`` (the item's prompt, BYTES), ``negative_prompt`` (the job's,
             BYTES, ``""`` when none), ``seed`` (the item's seed: UINT64 as is, INT64
             masked to 63 bits), ``noise`` (drawn by genimg from the item's seed),
-            ``param`` (a job parameter's value for the item) or ``constant``.
+            ``param`` (a job parameter's value for the item), ``constant``, or
+            ``per_prompt`` (an output of the profile's ``prompt_stage`` for the item's
+            prompt, computed once per distinct prompt).
         dtype: Triton dtype of the tensor.
         shape: per-item shape, without the batch axis.
         distribution: noise: ``normal`` (standard normal) or ``uniform`` (in [-1, 1)).
@@ -109,9 +111,10 @@ class InputBinding(_Strict):
             ``scale = 1/99, offset = -1/99``).
         param: param: the parameter's name (default: the tensor's name).
         value: constant: the value of every element.
+        stage_output: per_prompt: the ``prompt_stage`` model's output tensor that fills this input.
     """
 
-    kind: Literal["prompt", "negative_prompt", "seed", "noise", "param", "constant"]
+    kind: Literal["prompt", "negative_prompt", "seed", "noise", "param", "constant", "per_prompt"]
     dtype: Dtype
     shape: tuple[Annotated[int, Field(ge=1)], ...] = (1,)
     distribution: Literal["normal", "uniform"] = "normal"
@@ -119,6 +122,7 @@ class InputBinding(_Strict):
     offset: StrictFloat | StrictInt = 0.0
     param: str | None = None
     value: StrictInt | StrictFloat | StrictBool | None = None
+    stage_output: str | None = Field(default=None, pattern=TENSOR_PATTERN)
 
     @model_validator(mode="after")
     def _check(self) -> InputBinding:
@@ -138,6 +142,8 @@ class InputBinding(_Strict):
             raise ValueError("value is for constant inputs")
         if self.param is not None and self.kind != "param":
             raise ValueError("param is for param inputs")
+        if (self.kind == "per_prompt") != (self.stage_output is not None):
+            raise ValueError("a per_prompt input names its stage_output (and only it does)")
         if not (math.isfinite(self.scale) and math.isfinite(self.offset)):
             raise ValueError("scale and offset must be finite")
         if math.prod(self.shape) > MAX_TENSOR_ELEMENTS:
@@ -199,6 +205,22 @@ class MetadataOutput(_Strict):
     description: str = ""
 
 
+class PromptStage(_Strict):
+    """Per-prompt work (e.g. a text encoder) that a worker runs once per distinct prompt of a shard.
+
+    The worker sends each distinct prompt once to ``model`` and fills every
+    ``per_prompt`` input of the main model with the row of the item's prompt,
+    so a prompt rendered ``images_per_prompt`` times is encoded once.
+
+    Attributes:
+        model: the Triton model that takes the prompt.
+        prompt_input: its BYTES input tensor.
+    """
+
+    model: str = Field(pattern=TENSOR_PATTERN)
+    prompt_input: str = Field(pattern=TENSOR_PATTERN)
+
+
 class EnsembleStep(_Strict):
     """One step of an ensemble that genimg's repository builder writes (Triton ``ensemble_scheduling``)."""
 
@@ -245,6 +267,7 @@ class ModelProfile(_Strict):
         finite: optional BOOL output, false when the item's float output was not all finite.
         metadata: column name → output read into it.
         without_upscale: the profile a job with ``upscale=false`` runs instead (``None``: no such variant).
+        prompt_stage: per-prompt work done once per distinct prompt (fills the ``per_prompt`` inputs).
         serve: how genimg's own repository builder serves it (``None``: the user's repository does).
     """
 
@@ -260,6 +283,7 @@ class ModelProfile(_Strict):
     finite: str | None = Field(default=None, pattern=TENSOR_PATTERN)
     metadata: dict[str, MetadataOutput] = {}
     without_upscale: str | None = Field(default=None, pattern=NAME_PATTERN)
+    prompt_stage: PromptStage | None = None
     serve: Serve | None = None
 
     @model_validator(mode="after")
@@ -269,10 +293,14 @@ class ModelProfile(_Strict):
             if not tensor_re.match(name):
                 raise ValueError(f"input tensor name {name!r} is not a valid tensor name")
         prompts = [n for n, b in self.inputs.items() if b.kind == "prompt"]
-        if self.task == "text" and len(prompts) != 1:
-            raise ValueError(f"a text profile binds exactly one prompt input (found {len(prompts)})")
-        if self.task == "noise" and prompts:
-            raise ValueError("a noise profile has no prompt input")
+        staged = [n for n, b in self.inputs.items() if b.kind == "per_prompt"]
+        if self.task == "text" and (len(prompts) > 1 or not (prompts or self.prompt_stage)):
+            raise ValueError(f"a text profile binds one prompt input or has a prompt_stage (found {len(prompts)} "
+                             "prompt inputs)")
+        if self.task == "noise" and (prompts or self.prompt_stage):
+            raise ValueError("a noise profile has no prompt input and no prompt_stage")
+        if bool(staged) != bool(self.prompt_stage):
+            raise ValueError("per_prompt inputs and a prompt_stage go together")
         bound = set()
         for name, b in self.inputs.items():
             if b.kind == "param":

@@ -58,7 +58,8 @@ def _noise(profile: ModelProfile, seeds: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def build_inputs(profile: ModelProfile, *, seeds: np.ndarray, prompts: Sequence[str | None],
-                 item_values: Sequence[Mapping[str, Any]], negative_prompt: str | None) -> dict[str, Any]:
+                 item_values: Sequence[Mapping[str, Any]], negative_prompt: str | None,
+                 per_prompt: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """The request tensors for a batch of items.
 
     Args:
@@ -67,6 +68,7 @@ def build_inputs(profile: ModelProfile, *, seeds: np.ndarray, prompts: Sequence[
         prompts: ``B`` prompts (``None`` for noise profiles).
         item_values: ``B`` mappings of parameter values (:func:`genimg.profiles.params.item_params`).
         negative_prompt: the job's negative prompt (``""`` is sent when ``None``).
+        per_prompt: the prompt stage's outputs, one row per item (:func:`gather_stage`).
 
     Returns:
         ``{tensor: array [B, *shape] of the declared dtype, or a list of B str}``.
@@ -92,6 +94,9 @@ def build_inputs(profile: ModelProfile, *, seeds: np.ndarray, prompts: Sequence[
             vals = np.array([float(v[p]) for v in item_values], dtype=np.float64) * bind.scale + bind.offset
             out[name] = np.ascontiguousarray(np.broadcast_to(vals.reshape(b, *([1] * len(bind.shape))),
                                                              (b, *bind.shape)).astype(dtype))
+        elif bind.kind == "per_prompt":
+            assert per_prompt is not None and bind.stage_output is not None
+            out[name] = np.ascontiguousarray(per_prompt[bind.stage_output], dtype=dtype)
         else:  # constant
             out[name] = np.full((b, *bind.shape), bind.value, dtype=dtype)
     return out
@@ -154,6 +159,32 @@ def read_metadata(profile: ModelProfile, out: Mapping[str, np.ndarray], row: int
         else:
             values[column] = x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
     return values
+
+
+def stage_outputs(profile: ModelProfile) -> list[str]:
+    """The prompt stage's output tensors the profile's ``per_prompt`` inputs read, in order."""
+    return list(dict.fromkeys(b.stage_output for b in profile.inputs.values() if b.stage_output))
+
+
+def check_stage(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[int, ...]]],
+                outputs: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+    """Compare the served prompt-stage model with the profile (its one BYTES input, the outputs read).
+
+    Raises:
+        ProfileMismatchError: naming the tensor that is missing or differs.
+    """
+    stage = profile.prompt_stage
+    assert stage is not None
+    if dict(inputs) != {stage.prompt_input: ("BYTES", (1,))}:
+        raise ProfileMismatchError(f"{stage.model}: inputs are {dict(inputs)}; the profile's prompt_stage needs "
+                                   f"exactly {stage.prompt_input} BYTES [1]")
+    for name, bind in profile.inputs.items():
+        if bind.stage_output is None:
+            continue
+        served = outputs.get(bind.stage_output)
+        if served is None or served[0] != bind.dtype or tuple(served[1]) != tuple(bind.shape):
+            raise ProfileMismatchError(f"{stage.model}: output {bind.stage_output} is served as {served}; input "
+                                       f"{name} needs {bind.dtype} {list(bind.shape)}")
 
 
 def check_served(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[int, ...]]],
