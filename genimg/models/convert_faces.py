@@ -21,6 +21,7 @@ of the float output and of the uint8 image.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,9 @@ def convert(files: dict[str, Path], out: Path) -> dict:
     gen = build(files[WEIGHTS])
     z = torch.from_numpy(np.random.default_rng(0).standard_normal((2, NZ)).astype(np.float32))
     batch = {0: "batch"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # dynamo=False on purpose: the TorchScript exporter gives the same graph as genimg's own models
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export.*")
         torch.onnx.export(FacesForExport(gen), (z,), str(out), input_names=["Z"], output_names=["IMAGE", "FINITE"],
                           dynamic_axes={"Z": batch, "IMAGE": batch, "FINITE": batch}, opset_version=OPSET,
                           dynamo=False)

