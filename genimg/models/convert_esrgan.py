@@ -92,7 +92,8 @@ def _conv_nhwc(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, padding: str
     kh, kw = kernel.shape[:2]
     if padding == "same":  # TF "same" with stride 1 and an odd kernel: (k - 1) / 2 zeros each side
         x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # [B, H, W, C, kh, kw]
+    # windows: [B, H, W, C, kh, kw]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # type: ignore[call-overload]
     return np.einsum("bhwcij,ijco->bhwo", windows, kernel, optimize=True) + bias
 
 
@@ -130,7 +131,7 @@ def reference_forward(layers: list[dict], weights: dict[str, np.ndarray], x: np.
     return t[layers[-1]["name"]]
 
 
-def build_onnx(layers: list[dict], weights: dict[str, np.ndarray], graph_name: str):  # noqa: ANN201 - onnx.ModelProto
+def build_onnx(layers: list[dict], weights: dict[str, np.ndarray], graph_name: str):  # -> onnx.ModelProto
     """The ONNX model (``IMAGE`` uint8 NHWC → ``UPSCALED`` uint8 NHWC) of a Keras graph, NCHW inside.
 
     Raises:

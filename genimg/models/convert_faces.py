@@ -22,6 +22,7 @@ of the float output and of the uint8 image.
 from __future__ import annotations
 
 import warnings
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ class DCGANGenerator(nn.Module):
         super().__init__()
         chans = [nz, ngf * 8, ngf * 4, ngf * 2, ngf]
         layers: list[nn.Module] = []
-        for i, (cin, cout) in enumerate(zip(chans, chans[1:])):
+        for i, (cin, cout) in enumerate(pairwise(chans)):
             first = i == 0
             layers += [nn.ConvTranspose2d(cin, cout, 4, 1 if first else 2, 0 if first else 1, bias=False),
                        nn.BatchNorm2d(cout), nn.ReLU()]

