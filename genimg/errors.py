@@ -40,6 +40,20 @@ class ModelError(PermanentError):
     """A model file is missing, malformed, or produced unusable output."""
 
 
+class ModelFetchError(ModelError):
+    """A pretrained model's package could not be fetched from its registry.
+
+    The message names the package, its version and the client command that failed.
+    """
+
+
+class ModelIntegrityError(ModelError):
+    """A fetched package, a file inside it or a cached model does not match its recorded sha256.
+
+    The message names the package (or cache path), the expected and the actual hash.
+    """
+
+
 class NonFiniteOutputError(ModelError):
     """The generator returned NaN or infinite values (reason ``non_finite_output``)."""
 

