@@ -14,7 +14,8 @@ from genimg.profiles.params import MAX_SWEEP_VALUES, item_params, parse_cli_para
 from genimg.profiles.tensors import ProfileMismatchError, build_inputs, check_served, read_images, read_metadata
 from genimg.seeds import item_seeds, noise_from_seed
 
-BUNDLED = ("noise2img", "noise2img_base", "terrain", "txt2img", "txt2img_base")
+BUNDLED = ("faces", "faces_x4", "faces_x4_vintage", "noise2img", "noise2img_base", "terrain", "txt2img",
+           "txt2img_base")
 
 TINY = """
 name = "tiny"

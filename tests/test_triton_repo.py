@@ -174,7 +174,8 @@ def test_tensorrt_batch_limits_fit_the_engines_optimisation_profiles(trt_repo):
 def test_tensorrt_plans_are_copied_and_missing_ones_listed(trt_repo):
     manifest = json.loads((trt_repo / MANIFEST).read_text())
     assert (trt_repo / "generator" / "1" / "model.plan").read_bytes() == b"not really an engine"
-    assert manifest["plans_missing"] == ["generator_uncond", "terrain", "upscaler", "verifier"]
+    assert manifest["plans_missing"] == ["esrgan_slim_x4", "faces", "generator_uncond", "terrain", "upscaler",
+                                         "verifier", "vintage"]
     assert manifest["tensorrt_profiles"] == tensorrt_profiles()
 
 
@@ -220,7 +221,9 @@ def test_a_foreign_non_empty_directory_is_not_replaced_but_an_earlier_build_is(t
 def test_manifest_records_flavour_options_and_file_hashes(triton_repo):
     manifest = json.loads((triton_repo / MANIFEST).read_text())
     assert manifest["flavor"] == "cpu" and manifest["max_batch_size"] == 256
-    assert set(manifest["sha256"]) == {*contract.MODELS, "terrain", *DIGIT_ENSEMBLES}
-    assert manifest["ensembles"] == sorted(DIGIT_ENSEMBLES)
-    assert manifest["profiles"] == sorted([*DIGIT_ENSEMBLES, "terrain"])
+    fetched = {"terrain", "faces", "esrgan_slim_x4", "vintage"}
+    ensembles = {*DIGIT_ENSEMBLES, "faces_x4", "faces_x4_vintage"}
+    assert set(manifest["sha256"]) == {*contract.MODELS, *fetched, *ensembles}
+    assert manifest["ensembles"] == sorted(ensembles)
+    assert manifest["profiles"] == sorted([*DIGIT_ENSEMBLES, "terrain", "faces", "faces_x4", "faces_x4_vintage"])
     assert manifest["extra_models"] == ["prompt_echo"]

