@@ -2,14 +2,16 @@
 
 With the local stack up (:mod:`genimg.local`; started here if it is not, and
 stopped again at the end, also on Ctrl-C, SIGTERM or failure, if it was
-started here), the demo submits two jobs through the Python client:
+started here), the demo submits three jobs through the Python client:
 
 1. ``txt2img``: every prompt of ``examples/prompts.txt`` (110 phrasings and
    misspellings never seen in training), 4 images each;
 2. ``noise2img``: 2,000 noise samples;
+3. ``faces_x4``: 500 faces from pretrained models (a DCGAN at 64 px, then
+   ESRGAN x4 to 256 px RGB; ``--faces-count 0`` skips it);
 
-waits on both with progress bars, and writes for each job, under
-``demo-out/txt2img/`` and ``demo-out/noise2img/``:
+waits on them with progress bars, and writes for each job, under
+``demo-out/txt2img/``, ``demo-out/noise2img/`` and ``demo-out/faces_x4/``:
 
 * ``manifest.parquet``: one row per item (:data:`genimg.shards.INDEX_SCHEMA`);
 * ``contact_sheet.png``: upscaled images with their prompts and verifier labels;
@@ -18,7 +20,7 @@ waits on both with progress bars, and writes for each job, under
   p95), verifier label histogram and, for txt2img, the verifier's agreement
   with the digit each prompt names (:func:`digit_in_prompt`).
 
-``demo-out/summary.json`` holds both jobs' summaries, the stack start-up
+``demo-out/summary.json`` holds every job's summary, the stack start-up
 seconds and the settings used.
 
 Example::
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
 DEFAULT_IMAGES_PER_PROMPT = 4
 DEFAULT_NOISE_COUNT = 2_000
+DEFAULT_FACES_COUNT = 500
+"""Images of the demo's faces_x4 job (pretrained DCGAN faces, ESRGAN x4 to 256 px RGB)."""
+FACES_PROFILE = "faces_x4"
 DEFAULT_SHARD_SIZE = 100
 """Images per shard: the demo's two jobs make 25 shards, which keep both workers busy to the end
 (fastest here with :data:`DEFAULT_SUB_BATCH_SIZE` and 2 workers, against shards of 50, 150, 200 and 250)."""
@@ -234,6 +239,7 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
     ok = [r for r in rows if r["status"] == "ok"]
     keys = [r["key"] for r in rows]
 
+    digits = "label" in table.column_names
     if spec.model == "txt2img":
         by_prompt: dict[str, list[dict[str, Any]]] = {}
         for r in ok:
@@ -241,9 +247,13 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
         shown = [r for p in list(by_prompt)[:sheet_prompts] for r in by_prompt[p][:4]]
         _sheet(shown, tars, [f"{r['prompt']} -> {r['label']}" for r in shown],
                cols=2 * min(4, spec.images_per_prompt), path=out_dir / "contact_sheet.png")
-    else:
+    elif digits:
         shown = ok[:SHEET_NOISE_IMAGES]
         _sheet(shown, tars, [f"#{r['item_index']} -> {r['label']} ({r['score']:.2f})" for r in shown], cols=8,
+               path=out_dir / "contact_sheet.png")
+    else:
+        shown = ok[:SHEET_NOISE_IMAGES]
+        _sheet(shown, tars, [f"#{r['item_index']} seed {r['seed'] % 10**6:06d}" for r in shown], cols=8,
                path=out_dir / "contact_sheet.png")
 
     wall_s = (run.finished or time.monotonic()) - run.submitted
@@ -261,7 +271,9 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
             "encode_per_item": percentiles([r["encode_s"] for r in ok]),
             **{f"{stage}_per_shard": percentiles(v) for stage, v in per_shard.items()},
         },
-        "label_histogram": {str(d): n for d, n in sorted(Counter(int(r["label"]) for r in ok).items())},
+        "profile": spec.profile.name, "image_size": [ok[0]["width"], ok[0]["height"]] if ok else None,
+        "label_histogram": ({str(d): n for d, n in sorted(Counter(int(r["label"]) for r in ok).items())}
+                            if digits else None),
         "settings": {"shard_size": spec.shard_size, "sub_batch_size": spec.sub_batch_size,
                      "images_per_prompt": spec.images_per_prompt, "seed": spec.seed, "output": spec.job_prefix},
         "job_summary": run.status.summary if run.status else None,
@@ -290,7 +302,7 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
 
 
 def run_demo(*, prompts_path: Path, prompts_limit: int | None, images_per_prompt: int, noise_count: int,
-             out: Path, workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
+             out: Path, faces_count: int = DEFAULT_FACES_COUNT, workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
              keep_up: bool, progress: bool, state_dir: Path | None) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the overall summary also written to ``out``.
 
@@ -327,8 +339,13 @@ def run_demo(*, prompts_path: Path, prompts_limit: int | None, images_per_prompt
             runs.append(_Run("noise2img", client.submit(
                 count=noise_count, model="noise2img", output=output, seed=seed, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, name="demo-noise2img"), time.monotonic()))
-            say(f"submitted {len(prompts)} prompts x {images_per_prompt} (job {runs[0].job.job_id}) and "
-                f"{noise_count} noise samples (job {runs[1].job.job_id})")
+            if faces_count:
+                runs.append(_Run(FACES_PROFILE, client.submit(
+                    count=faces_count, model=FACES_PROFILE, output=output, seed=seed, shard_size=shard_size,
+                    sub_batch_size=sub_batch_size, name="demo-faces-x4"), time.monotonic()))
+            say(f"submitted {len(prompts)} prompts x {images_per_prompt} (job {runs[0].job.job_id}), "
+                f"{noise_count} noise samples (job {runs[1].job.job_id})"
+                + (f" and {faces_count} faces x4 (job {runs[2].job.job_id})" if faces_count else ""))
             try:
                 _wait_all(runs, timeout_s, progress)
             except BaseException:
@@ -362,13 +379,15 @@ def demo(
     prompts_limit: int = typer.Option(None, "--prompts-limit", min=1, help="Use only the first N prompts."),
     images_per_prompt: int = typer.Option(DEFAULT_IMAGES_PER_PROMPT, "--images-per-prompt", min=1, max=64),
     noise_count: int = typer.Option(DEFAULT_NOISE_COUNT, "--noise-count", min=1, help="Items of the noise2img job."),
+    faces_count: int = typer.Option(DEFAULT_FACES_COUNT, "--faces-count", min=0,
+                                    help="Items of the faces_x4 job (256 px RGB faces); 0 skips it."),
     out: Path = typer.Option(Path("demo-out"), "--out", help="Where manifests, sheets and summaries go."),
     workers: int = typer.Option(None, "--workers", min=1,
                                 help="Workers, if the demo starts the stack (default: genimg.local's)."),
     shard_size: int = typer.Option(DEFAULT_SHARD_SIZE, "--shard-size", min=1),
     sub_batch_size: int = typer.Option(DEFAULT_SUB_BATCH_SIZE, "--sub-batch-size", min=1, max=256),
     seed: int = typer.Option(0, "--seed", min=0),
-    timeout_s: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout-s", help="Longest wait for both jobs."),
+    timeout_s: float = typer.Option(DEFAULT_TIMEOUT_S, "--timeout-s", help="Longest wait for the jobs."),
     keep_up: bool = typer.Option(False, "--keep-up", help="Leave a stack the demo started running."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bars."),
     state_dir: Path = typer.Option(None, "--dir", envvar="GENIMG_LOCAL_DIR", help="Local stack state directory."),
@@ -384,7 +403,8 @@ def demo(
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         overall = run_demo(prompts_path=path, prompts_limit=prompts_limit, images_per_prompt=images_per_prompt,
-                           noise_count=noise_count, out=out, workers=workers or DEFAULT_WORKERS,
+                           noise_count=noise_count, faces_count=faces_count, out=out,
+                           workers=workers or DEFAULT_WORKERS,
                            shard_size=shard_size, sub_batch_size=sub_batch_size, seed=seed, timeout_s=timeout_s,
                            keep_up=keep_up, progress=not no_progress, state_dir=state_dir)
     except GenImgError as e:
@@ -401,7 +421,7 @@ def demo(
                      f"{s['verifier_agreement_misspelled'] or 0:.1%})")
         typer.echo(f"{name}: {s['images_ok']} images ok, {s['images_failed']} failed, {s['images_per_s']:.1f} img/s"
                    f"{agree} -> {out / name}")
-    typer.echo(f"both jobs: {overall['images_ok']} images in {overall['jobs_wall_s']:.1f} s "
+    typer.echo(f"all jobs: {overall['images_ok']} images in {overall['jobs_wall_s']:.1f} s "
                f"({overall['images_per_s']:.1f} img/s); summary {out / 'summary.json'}")
     failed = any(s["state"] != "succeeded" for s in overall["jobs"].values())
     raise typer.Exit(1 if failed else 0)

@@ -18,7 +18,7 @@ from tests.fixtures.workers import REDIS_URL
 
 
 @pytest.mark.slow
-def test_demo_writes_both_manifests_contact_sheets_and_a_summary_and_stops_its_workers(
+def test_demo_writes_every_manifest_contact_sheet_and_summary_and_stops_its_workers(
         tmp_path: Path, triton_server, moto_s3_endpoint: str):
     out, state = tmp_path / "demo-out", tmp_path / "state"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENIMG_")}
@@ -26,12 +26,13 @@ def test_demo_writes_both_manifests_contact_sheets_and_a_summary_and_stops_its_w
                GENIMG_S3_ENDPOINT_URL=moto_s3_endpoint, GENIMG_S3_ACCESS_KEY_ID="testing",
                GENIMG_S3_SECRET_ACCESS_KEY="testing", GENIMG_LOCAL_DIR=str(state), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--prompts-limit", "10",
-                           "--images-per-prompt", "2", "--noise-count", "50", "--workers", "1", "--shard-size", "20",
+                           "--images-per-prompt", "2", "--noise-count", "50", "--faces-count", "24",
+                           "--workers", "1", "--shard-size", "20",
                            "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=400,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    for name, rows in (("txt2img", 20), ("noise2img", 50)):
+    for name, rows in (("txt2img", 20), ("noise2img", 50), ("faces_x4", 24)):
         table = pq.read_table(out / name / "manifest.parquet")
         assert table.num_rows == rows
         keys = table.column("key").to_pylist()
@@ -51,7 +52,9 @@ def test_demo_writes_both_manifests_contact_sheets_and_a_summary_and_stops_its_w
     assert txt["verifier_agreement_items"] == 20
     assert txt["verifier_agreement"] >= 0.7  # the model eval's text_cond_acc is ~0.9 on unseen phrasings
     overall = json.loads((out / "summary.json").read_text())
-    assert overall["images_ok"] == 70 and overall["stack_started_by_demo"] is True
+    faces = json.loads((out / "faces_x4" / "summary.json").read_text())
+    assert faces["image_size"] == [256, 256] and faces["label_histogram"] is None
+    assert overall["images_ok"] == 94 and overall["stack_started_by_demo"] is True
     assert not (state / "local.json").exists()  # it stopped the workers it started
 
 

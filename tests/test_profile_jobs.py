@@ -269,3 +269,32 @@ def test_a_new_model_runs_end_to_end_from_a_profile_file_and_a_repository_entry_
         meta = json.loads(members[f"{r['key']}.json"])
         assert meta["params"] == {"gain": gain} and meta["brightness"] == r["brightness"]
         assert r["model_version"] == onnx_sha[:16] and r["profile"] == "swatch" and r["format"] == "png"
+
+
+# --------------------------------------------------------------------------- faces x4 (pretrained, RGB)
+
+
+def test_a_faces_x4_shard_is_256px_rgb_and_byte_identical_when_recomputed_or_rebatched(
+        triton_server, s3_store, s3_bucket):
+    from genimg.pipeline import Infer, run_shard
+    from genimg.spec import JobSpec
+    from genimg.triton.client import InferenceClient
+
+    spec = JobSpec.create(model="faces_x4", count=30, output=f"s3://{s3_bucket}/faces", seed=42, shard_size=12,
+                          sub_batch_size=5)
+    tars = []
+    with InferenceClient(triton_server.urls["grpc"], "grpc") as triton:
+        for run, sub in enumerate((5, 5, 12)):
+            layout = Layout(bucket=s3_bucket, prefix=f"faces-{run}", job_id=spec.job_id)
+            result = run_shard(spec.model_copy(update={"sub_batch_size": sub}), 1, store=s3_store, layout=layout,
+                               infer=Infer(triton))
+            assert (result.items_ok, result.items_failed) == (12, 0)
+            tars.append(s3_store.get_bytes(layout.tar_key(1)))
+    assert tars[0] == tars[1] == tars[2]
+    with tarfile.open(fileobj=io.BytesIO(tars[0])) as tf:
+        pngs = [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".png")]
+    images = np.stack([decode(p) for p in pngs])
+    assert images.shape == (12, 256, 256, 3)
+    # faces, not noise: neighbouring pixels agree (an upscaled 64 px face is smooth), and images differ
+    assert np.abs(np.diff(images.astype(int), axis=2)).mean() < 12
+    assert len({sha256_hex(p) for p in pngs}) == 12
