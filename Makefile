@@ -17,7 +17,8 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 venv: $(VENV)/.installed-$(EXTRAS)
 
 REPO := .cache/genimg/model_repository
-$(REPO)/genimg_repository.json: $(VENV)/.installed-$(EXTRAS) $(wildcard genimg/models/weights/*.safetensors)
+$(REPO)/genimg_repository.json: $(VENV)/.installed-$(EXTRAS) $(wildcard genimg/models/weights/*.safetensors) \
+		$(wildcard genimg/profiles/bundled/*.toml) genimg/models/sources.py
 	$(VENV)/bin/genimg models build-repo --flavor cpu --out $(REPO)
 
 demo: venv $(REPO)/genimg_repository.json
