@@ -34,6 +34,24 @@ app = Celery("genimg")
 app.conf.update(celery_config(SETTINGS))
 
 
+def required_models() -> list[str]:
+    """The Triton models this worker needs ready before it takes a shard (the one place that says).
+
+    Used by the consumer gate (:mod:`workers.gate`), the per-process context
+    and ``genimg worker --check``.
+    """
+    return ["txt2img", "noise2img"]
+
+
+def _add_gate() -> None:
+    from workers.gate import TritonGate
+
+    app.steps["consumer"].add(TritonGate)
+
+
+_add_gate()
+
+
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def _redact_celery_handlers(**_: object) -> None:
@@ -93,7 +111,7 @@ def context() -> WorkerContext:
             tset = TritonSettings.from_env()
             client = InferenceClient.from_settings(tset)
             try:
-                client.wait_ready(["txt2img", "noise2img"], timeout_s=tset.triton_ready_timeout_s)
+                client.wait_ready(required_models(), timeout_s=tset.triton_ready_timeout_s)
             except BaseException:
                 client.close()  # the shard is retried and builds a new one
                 raise
@@ -107,6 +125,23 @@ def context() -> WorkerContext:
             )
             _CTX_PID = os.getpid()
         return _CTX
+
+
+def drop_inference_client() -> None:
+    """Close this process's Triton client; the next :func:`context` builds a new one.
+
+    Called after Triton was unreachable: a new gRPC channel connects at once,
+    where the old one may sit in gRPC's reconnect backoff (up to two minutes)
+    long after Triton is back.
+    """
+    global _CTX
+    with _LOCK:
+        if _CTX is not None and _CTX_PID == os.getpid():
+            try:
+                _CTX.infer.client.close()
+            except Exception as e:  # noqa: BLE001 - closing a broken channel; nothing to do about it
+                log.debug("closing the Triton client: %s", e)
+            _CTX = None
 
 
 @worker_process_shutdown.connect
