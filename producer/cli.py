@@ -36,6 +36,8 @@ def _mount() -> None:
     app.command("worker")(worker)
     from genimg.exporter import exporter
     app.command("exporter")(exporter)
+    from workers.reconcile import reconcile
+    app.command("reconcile")(reconcile)
     try:
         from genimg.triton.cli import app as triton_app
     except ImportError:  # the triton sub-package is optional at this stage

@@ -34,7 +34,6 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,14 +62,11 @@ from genimg.shards import Layout
 from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, validate_output_url
 from genimg.stores import ManagedStore, open_store
 from producer.job import Job, JobNotFoundError
-from workers.config import WorkerSettings, celery_config
+from workers.config import WorkerSettings
+from workers.messages import ENQUEUE_BATCH, TASK_NAME, producer_app, send_shards  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "genimg.generate_shard"
-"""Celery task name of one shard (positional JSON args ``[job_id, shard_index]``)."""
-ENQUEUE_BATCH = 1_000
-"""Task messages per Redis pipeline when enqueueing."""
 UPLOAD_THREADS = 8
 """Prompt chunks uploaded in parallel."""
 MAX_UPLOADS_IN_FLIGHT = 16
@@ -162,16 +158,7 @@ class Client:
 
     def _app(self) -> Any:
         if self._celery is None:
-            from celery import Celery
-
-            config = celery_config(self.settings)
-            # kombu pipelines batched publishes only when redis-py will not retry a
-            # pipeline on its own; the producer needs no such retry (resume re-sends).
-            config["broker_transport_options"] = {**config["broker_transport_options"],
-                                                  "retry_on_timeout": False}
-            app = Celery("genimg-producer", set_as_current=False)
-            app.conf.update(config)
-            self._celery = app
+            self._celery = producer_app(self.settings)
         return self._celery
 
     def _open(self, output: str) -> tuple[ManagedStore, str]:
@@ -431,23 +418,14 @@ class Client:
         """
         from kombu.exceptions import KombuError, OperationalError
 
-        app = self._app()
         queue = self.settings.queue
-        priority = celery_priority(spec.priority)
-        sent = 0
+        todo = list(shards)
         try:
-            with app.producer_or_acquire() as producer:
-                batch = producer.batch(ENQUEUE_BATCH) if hasattr(producer, "batch") else nullcontext()
-                with batch:
-                    for shard in shards:
-                        app.send_task(TASK_NAME, args=[spec.job_id, int(shard)], queue=queue,
-                                      priority=priority, producer=producer, ignore_result=True,
-                                      declare=None if sent == 0 else [])
-                        sent += 1
+            sent = send_shards(self._app(), queue, spec.job_id, celery_priority(spec.priority), todo)
         except (OperationalError, KombuError, redis.RedisError, OSError) as e:
             raise QueueUnavailableError(
-                f"enqueueing job {spec.job_id} failed after {sent} messages "
-                f"({describe_redis_error(e)}); run resume to send the rest") from e
+                f"enqueueing job {spec.job_id} failed ({describe_redis_error(e)}); some of its "
+                f"{len(todo)} messages may have been sent: run resume to send the rest") from e
         log.info("enqueued job %s: %d shard messages on queue %s (priority %d)", spec.job_id, sent,
                  queue, spec.priority)
         return sent
