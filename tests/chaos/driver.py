@@ -66,6 +66,7 @@ from producer import Client
 from tests.fixtures.faultproxy import FaultProxy, RecordedRequest
 from tests.fixtures.redisserver import RedisServer
 from tests.fixtures.s3 import storage_settings_for
+from tests.fixtures.tcpforward import TcpForwarder  # noqa: F401 - re-exported for tests/chaos/test_chaos.py
 from tests.fixtures.workers import Stack, WorkerProc, wait_for
 
 WORKER_ENV: dict[str, str] = {
@@ -591,69 +592,3 @@ def write_report(report: dict[str, Any]) -> str:
 
 def as_dicts(items: list) -> list[dict[str, Any]]:
     return [asdict(x) for x in items]
-
-
-
-class TcpForwarder:
-    """Forward TCP connections from ``127.0.0.1:port`` to ``upstream`` (``host:port``), byte for byte.
-
-    Nothing listens on the port until :meth:`start`, so clients first get
-    "connection refused", as from a server that is down.
-    """
-
-    def __init__(self, port: int, upstream: str) -> None:
-        import socket
-        import threading
-
-        self.port = port
-        host, _, up_port = upstream.rpartition(":")
-        self.upstream = (host or "127.0.0.1", int(up_port))
-        self._socket_mod, self._threading = socket, threading
-        self._server: Any = None
-        self._stop = threading.Event()
-
-    def start(self) -> TcpForwarder:
-        socket = self._socket_mod
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
-        srv.listen(64)
-        srv.settimeout(0.2)
-        self._server = srv
-        self._threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                continue
-            try:
-                upstream = self._socket_mod.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            client.settimeout(None)
-            for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: Any, dst: Any) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(1)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()
