@@ -43,8 +43,8 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 CRD_GROUPS = ("keda.sh", "monitoring.coreos.com")
 WORKER_SHUTDOWN_MARGIN_S = 15
 """Grace period beyond the hard limit and Triton's exit timeout: the preStop hook and Celery's own shutdown."""
-METRICS_PORTS = {9101, 8002, 9180}
-"""Worker /metrics, Triton metrics, backlog exporter."""
+METRICS_PORTS = {9101, 8002, 9180, 9181}
+"""Worker /metrics, Triton metrics, backlog exporter, reconciler."""
 SHELLS = {"sh", "bash", "dash", "ash", "/bin/sh", "/bin/bash", "/usr/bin/env"}
 
 
@@ -452,6 +452,20 @@ def test_only_prometheus_reaches_the_metrics_ports_and_nothing_reaches_triton(ov
     open_to_prometheus = {p["port"] for pol in policies if matches(pol["spec"]["podSelector"], worker_labels)
                           for r in pol["spec"].get("ingress", []) for p in r["ports"]}
     assert open_to_prometheus == {9101, 8002}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_reconciler_runs_with_the_workers_settings_so_its_bound_follows_their_visibility_timeout(overlay):
+    objs = rendered(overlay)
+    found = [(wl, c) for wl in workloads(objs) for c in wl["spec"]["template"]["spec"]["containers"]
+             if c.get("command", [])[:2] == ["genimg", "reconcile"]]
+    assert len(found) == 1, "exactly one container runs `genimg reconcile`"
+    wl, container = found[0]
+    worker_env = [e["configMapRef"]["name"] for c in containers(worker_deployment(objs)["spec"]["template"]["spec"])
+                  for e in c.get("envFrom", []) if "configMapRef" in e]
+    assert [e["configMapRef"]["name"] for e in container["envFrom"]] == worker_env[:1]
+    assert wl["spec"]["template"]["metadata"]["labels"].get("genimg.io/redis-client") == "true"
+    assert {p["containerPort"] for p in container["ports"]} == {9181}
 
 
 def test_only_workers_the_exporter_and_producers_reach_dev_redis():

@@ -17,7 +17,8 @@ Two parts:
   Triton is ready takes nothing. Shards already taken (running, or waiting on
   a retry countdown) are not failed: they retry within their time budget
   (``GENIMG_RETRY_BUDGET_S``); what stays in the queue waits for a worker that
-  can run it.
+  can run it. A queue cancelled by remote control (``genimg-prestop`` before
+  SIGTERM) stays cancelled: the gate does not open it again.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class TritonGate(bootsteps.StartStopStep):
         self.watch: TritonWatch | None = None
         self.tref = None
         self.open: bool | None = None
+        self.released = False
 
     def start(self, c) -> None:
         from genimg.settings import TritonSettings
@@ -143,10 +145,18 @@ class TritonGate(bootsteps.StartStopStep):
         from workers.app import SETTINGS
 
         assert self.watch is not None
-        ready, detail = self.watch.status()
-        if ready == self.open or c.task_consumer is None:
+        if self.released or c.task_consumer is None:
             return
         queue = SETTINGS.queue
+        if self.open and not c.task_consumer.consuming_from(queue):
+            # Someone else stopped consumption (remote control's cancel_consumer, as genimg-prestop does
+            # before SIGTERM): that decision stands; the gate never opens the queue again.
+            self.released = True
+            log.info("queue %s was cancelled by remote control: the Triton gate leaves it closed", queue)
+            return
+        ready, detail = self.watch.status()
+        if ready == self.open:
+            return
         queues = c.app.amqp.queues
         if ready:
             if queue in queues:
