@@ -103,7 +103,7 @@ def _annotation_text(annotation: Any) -> str | None:
 
 
 def describe_allowed(model: type[BaseSettings], name: str) -> str:
-    """Human words for the values field ``name`` of ``model`` accepts, e.g. ``"grpc, http"`` or ``"an integer >= 1"``."""
+    """Words for the values field ``name`` of ``model`` accepts, e.g. ``"grpc, http"`` or ``"an integer >= 1"``."""
     info = model.model_fields[name]
     text = _annotation_text(info.annotation)
     if text is None:
@@ -263,24 +263,6 @@ class SpecSettings(_Base):
         description="file:// outputs must resolve (symlinks followed) inside this directory "
         "[env GENIMG_LOCAL_OUTPUT_ROOT]; unset disables file:// outputs",
     )
-
-
-def check_storage(settings: StorageSettings) -> None:
-    """Start-up checks of S3 settings beyond their types: files that must exist, credentials that must pair.
-
-    Raises:
-        ConfigError: naming the variable.
-    """
-    bundle = settings.s3_ca_bundle
-    if bundle is not None and not bundle.is_file():
-        raise ConfigError(f"invalid GENIMG_S3_CA_BUNDLE={str(bundle)!r}: allowed an existing PEM file")
-    creds = settings.s3_credentials_file
-    if creds is not None and not creds.is_file():
-        raise ConfigError(f"invalid GENIMG_S3_CREDENTIALS_FILE={str(creds)!r}: allowed an existing "
-                          "AWS-style INI file")
-    from genimg.storage import resolve_credentials
-
-    resolve_credentials(settings)  # pairs of key id and secret, a readable profile
 
 
 def check_spec_settings(settings: SpecSettings) -> None:

@@ -362,6 +362,22 @@ def resolve_credentials(settings: StorageSettings) -> dict[str, str]:
     return {}
 
 
+def check_storage(settings: StorageSettings) -> None:
+    """Start-up checks of S3 settings beyond their types: files that must exist, credentials that must pair.
+
+    Raises:
+        ConfigError: naming the variable.
+    """
+    bundle = settings.s3_ca_bundle
+    if bundle is not None and not bundle.is_file():
+        raise ConfigError(f"invalid GENIMG_S3_CA_BUNDLE={str(bundle)!r}: allowed an existing PEM file")
+    creds = settings.s3_credentials_file
+    if creds is not None and not creds.is_file():
+        raise ConfigError(f"invalid GENIMG_S3_CREDENTIALS_FILE={str(creds)!r}: allowed an existing "
+                          "AWS-style INI file")
+    resolve_credentials(settings)  # pairs of key id and secret, a readable profile
+
+
 def pool_size(settings: StorageSettings, callers: int = 1) -> tuple[int, int]:
     """``(max_pool_connections, transfer_concurrency)`` for a store that ``callers`` threads use at once.
 

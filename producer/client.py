@@ -51,15 +51,10 @@ from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prom
 from genimg.jobs import SPEC_OBJECT
 from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
-from genimg.settings import (
-    SpecSettings,
-    StorageSettings,
-    check_spec_settings,
-    check_storage,
-    load_settings,
-)
+from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.shards import Layout
 from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, validate_output_url
+from genimg.storage import check_storage
 from genimg.stores import ManagedStore, open_store
 from producer.job import Job, JobNotFoundError
 from workers.config import WorkerSettings

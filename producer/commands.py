@@ -143,7 +143,8 @@ def submit(
         "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A label for the job.")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option(
-        "--idempotency-key", help="Submitting the same key again returns the same job (exit 2 if its spec differs).")] = None,
+        "--idempotency-key",
+        help="Submitting the same key again returns the same job (exit 2 if its spec differs).")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(
         "--prompt-column", help="Field/column of .jsonl/.csv/.parquet prompts (default: prompt).")] = None,
     prompt_format: Annotated[Optional[str], typer.Option(

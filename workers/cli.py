@@ -38,9 +38,9 @@ def validate_settings() -> object:
         TritonSettings,
         check_retired_variables,
         check_spec_settings,
-        check_storage,
         load_settings,
     )
+    from genimg.storage import check_storage
     from workers.config import WorkerSettings, check_timing
 
     check_retired_variables()

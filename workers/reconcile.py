@@ -383,7 +383,8 @@ def validate_settings() -> tuple[WorkerSettings, ReconcileSettings, Any]:
     Raises:
         ConfigError: one line naming the first invalid variable and the allowed values.
     """
-    from genimg.settings import StorageSettings, check_retired_variables, check_storage, load_settings
+    from genimg.settings import StorageSettings, check_retired_variables, load_settings
+    from genimg.storage import check_storage
     from workers.config import check_timing
 
     check_retired_variables()

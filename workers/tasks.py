@@ -112,8 +112,8 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         since = now if since is None else min(since, now)
         spent = now - since
         if spent >= SETTINGS.retry_budget_s:
-            return _fail(ctx, spec, shard_index, f"retries_exhausted:{reason}", e,
-                         detail=f" (retried for {spent:.0f} s, budget GENIMG_RETRY_BUDGET_S={SETTINGS.retry_budget_s:g})")
+            budget = f" (retried for {spent:.0f} s, budget GENIMG_RETRY_BUDGET_S={SETTINGS.retry_budget_s:g})"
+            return _fail(ctx, spec, shard_index, f"retries_exhausted:{reason}", e, detail=budget)
         if isinstance(e, InferenceUnavailableError):
             drop_inference_client()
         metrics.SHARDS_RETRIED.labels(reason).inc()

@@ -172,7 +172,8 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
         "operator_actions": [],
         "reconciler": {
             "replicas": RECONCILERS,
-            "stranded_after_s": float(st.env["GENIMG_VISIBILITY_TIMEOUT_S"]) + float(st.env["GENIMG_RETRY_BACKOFF_MAX_S"]),
+            "stranded_after_s": (float(st.env["GENIMG_VISIBILITY_TIMEOUT_S"])
+                                 + float(st.env["GENIMG_RETRY_BACKOFF_MAX_S"])),
             "shards_healed": len(heals), "heals": as_dicts(heals),
             "stranded_s": [h.stranded_s for h in heals],
             "stalls_with_empty_backlog": driver.stalls,
