@@ -158,7 +158,6 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
     kinds = [f.kind for f in driver.injected]
     assert sorted(kinds) == sorted(ev.kind for ev in schedule), f"faults not all injected: {kinds}"
     heals = read_heals(st, spec.job_id, driver.t0_wall)
-    assert len({h.shard for h in heals}) == len(heals), f"a shard healed twice: {heals}"
     for p in chaos.reconcilers:
         assert p.poll() is None, f"a reconciler exited with {p.returncode}"
     report = {
