@@ -623,9 +623,9 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"the worker image has no {{name}}")
 sys.meta_path.insert(0, Block())
-import producer.cli, workers.app, workers.tasks, workers.cli, genimg.exporter
+import producer.cli, workers.app, workers.tasks, workers.cli, workers.gate, workers.reconcile, genimg.exporter
 from typer.testing import CliRunner
-for argv in (["worker", "--help"], ["exporter", "--help"]):
+for argv in (["worker", "--help"], ["exporter", "--help"], ["reconcile", "--help"]):
     result = CliRunner().invoke(producer.cli.app, argv)
     assert result.exit_code == 0, (argv, result.output, result.exception)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -653,7 +653,7 @@ def test_compose_file_matches_the_compose_spec_schema():
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose_file())]
     assert not errors, "\n".join(errors)
     services = compose_file()["services"]
-    assert {"redis", "minio", "triton", "worker", "exporter", "prometheus", "grafana"} <= set(services)
+    assert {"redis", "minio", "triton", "worker", "exporter", "reconciler", "prometheus", "grafana"} <= set(services)
     for name, service in services.items():
         for dep in service.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"
