@@ -90,3 +90,15 @@ class QueueUnavailableError(RetryableError):
 
 class PayloadTooLargeError(PermanentError):
     """A request or object exceeds a configured size limit."""
+
+
+class ConflictError(PermanentError):
+    """A request contradicts what is already stored (an idempotency key reused with a different spec).
+
+    Attributes:
+        key: the idempotency key (or other name) in conflict.
+    """
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key

@@ -43,6 +43,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from genimg.errors import QueueUnavailableError
 from genimg.queue import backlog
+from genimg.settings import RedisUrl, settings_error
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class ExporterSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GENIMG_", frozen=True, extra="ignore")
 
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_url: RedisUrl = SecretStr("redis://127.0.0.1:6379/0")
     """The Celery broker (the workers' ``GENIMG_REDIS_URL``); a password in it is never logged."""
     queue: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     """The workers' ``GENIMG_QUEUE``."""
@@ -161,8 +162,10 @@ def exporter(
         s = ExporterSettings(**overrides)
         queues = [ExporterSettings(queue=q).queue for q in queue] if queue else [s.queue]
     except pydantic.ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        typer.echo(f"genimg exporter: invalid {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
+        given = dict(overrides)
+        if queue:
+            given["queue"] = " ".join(queue)
+        typer.echo(f"genimg exporter: refusing to start: {settings_error(ExporterSettings, e, given)}", err=True)
         raise typer.Exit(2) from None
     url = s.redis_url.get_secret_value()
     register_url_secret(url)

@@ -20,6 +20,8 @@ every metric, with the PromQL that the dashboard and rules use.
 | ``genimg_shards_failed_total`` | counter | reason | shards failed permanently |
 | ``genimg_stage_seconds`` | histogram | stage (infer, encode, upload, shard) | seconds |
 | ``genimg_shards_in_flight`` | gauge (livesum) | — | shards |
+| ``genimg_s3_throttled_total`` | counter | operation, code | S3 responses that throttled (every attempt) |
+| ``genimg_s3_retries_total`` | counter | operation, code | failed S3 attempts botocore retried |
 | ``genimg_backlog_shards`` | gauge | queue, kind (waiting, reserved, total) | shards (``genimg exporter``) |
 | ``genimg_backlog_up`` | gauge | — | 1 if Redis answered the scrape, else 0 (``genimg exporter``) |
 """
@@ -38,7 +40,7 @@ STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    60.0, 120.0, 300.0, 600.0)
 """Histogram buckets in seconds: from GPU sub-batches (ms) to CPU shards (minutes)."""
 
-def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, Histogram, Gauge]:
+def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, Histogram, Gauge, Counter, Counter]:
     return (
         Counter("genimg_images_written", "Images committed to storage.", ["model", "format"]),
         Counter("genimg_bytes_written", "Encoded image bytes committed to storage.", ["model"]),
@@ -49,6 +51,12 @@ def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, His
         Histogram("genimg_stage_seconds", "Seconds per stage (infer and encode per sub-batch, "
                   "upload and whole shard per shard).", ["stage"], buckets=STAGE_BUCKETS_S),
         Gauge("genimg_shards_in_flight", "Shards being generated right now.", multiprocess_mode="livesum"),
+        Counter("genimg_s3_throttled", "S3 responses that throttled a request (503, 429 or a throttling error "
+                "code such as SlowDown), each attempt counted, by operation and error code.",
+                ["operation", "code"]),
+        Counter("genimg_s3_retries", "S3 request attempts that failed and were retried by botocore, by "
+                "operation and error code (an S3 error code, an HTTP status, or a connection error's class).",
+                ["operation", "code"]),
     )
 
 
@@ -111,7 +119,7 @@ SHARD_RETRY_REASONS = tuple(_reason_names(RetryableError) + ["SoftTimeLimitExcee
 
 
 (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
- SHARDS_IN_FLIGHT) = _define()
+ SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES) = _define()
 _zero_known_series()
 
 
@@ -127,19 +135,19 @@ def _use_multiprocess_values() -> None:
     ``metrics.NAME`` at call time, so they pick up the new objects).
     """
     global IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED
-    global STAGE_SECONDS, SHARDS_IN_FLIGHT
+    global STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES
     from prometheus_client import REGISTRY, values
 
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
     for metric in (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED,
-                   STAGE_SECONDS, SHARDS_IN_FLIGHT):
+                   STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES):
         try:
             REGISTRY.unregister(metric)
         except KeyError:
             pass
     (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
-     SHARDS_IN_FLIGHT) = _define()
+     SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES) = _define()
     _zero_known_series()
 
 

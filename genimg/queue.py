@@ -17,8 +17,10 @@ Redis keys (``{p}`` is the key prefix, ``GENIMG_KEY_PREFIX``, default ``genimg``
 | ``{p}:job:{id}:failed`` | hash | shard → reason, shards that failed permanently |
 | ``{p}:job:{id}:running`` | hash | shard → worker hostname, while a worker runs it |
 | ``{p}:job:{id}:state`` | string | ``cancelled`` once cancelled (otherwise derived) |
+| ``{p}:job:{id}:healed`` | hash | shard → times the reconciler re-enqueued it (``genimg reconcile``) |
 | ``{p}:jobs`` | sorted set | job ids by submit time |
 | ``{p}:idem:{key}`` | string | job id of an idempotency key |
+| ``{p}:reconciler:lease`` | string | token of the ``genimg reconcile`` replica that acts (expires) |
 
 Completion is counted by hash membership, so a shard committed twice counts once.
 """

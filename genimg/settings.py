@@ -6,15 +6,187 @@ Settings are frozen; build them with ``X.from_env()`` or keyword arguments.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr
+import annotated_types
+import pydantic
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from genimg.errors import ConfigError
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 WEIGHTS_DIR = _PACKAGE_DIR / "models" / "weights"
 """Directory of the committed, trained PyTorch state dicts."""
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""Values of ``GENIMG_LOG_LEVEL`` (case-insensitive)."""
+
+RETIRED_VARIABLES = {
+    "GENIMG_MAX_RETRIES": "no longer read: a shard's retries are bounded in time by GENIMG_RETRY_BUDGET_S "
+                          "(seconds, default 600); unset GENIMG_MAX_RETRIES",
+}
+"""Variables genimg no longer reads; set, they would silently change nothing, so start-up refuses them."""
+
+_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?):(\d{1,5})$")
+
+
+def _check_host_port(value: str) -> str:
+    m = _HOST_PORT_RE.match(value)
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ValueError("expected host:port")
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError("expected an http:// or https:// URL") from e
+    if parts.scheme not in ("http", "https") or not parts.hostname or (port is not None and port == 0):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def _check_redis_url(value: SecretStr) -> SecretStr:
+    from urllib.parse import urlsplit
+
+    raw = value.get_secret_value()
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError("expected a redis://, rediss:// or unix:// URL") from e
+    if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_check_host_port)]
+"""``host:port`` (a name, an IPv4 address or a bracketed IPv6 address; port 1-65535)."""
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+"""An ``http://`` or ``https://`` URL with a host."""
+RedisUrl = Annotated[SecretStr, AfterValidator(_check_redis_url)]
+"""A ``redis://``, ``rediss://`` or ``unix://`` URL (its password is never shown)."""
+
+_ALLOWED_TEXT = {
+    HostPort: "host:port, e.g. triton:8001",
+    HttpUrl: "an http:// or https:// URL, e.g. http://minio:9000",
+    RedisUrl: "a redis://, rediss:// or unix:// URL, e.g. redis://redis:6379/0",
+}
+
+
+def _annotation_text(annotation: Any) -> str | None:
+    """Allowed values of a type: a Literal's values, bool, or one of genimg's URL types."""
+    for known, text in _ALLOWED_TEXT.items():
+        if annotation == known:
+            return text
+    if get_origin(annotation) is Literal:
+        return ", ".join(str(a) for a in get_args(annotation))
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args and get_origin(annotation) is not Annotated:
+        for a in args:
+            found = _annotation_text(a)
+            if found:
+                return found
+    if annotation is bool:
+        return "true or false"
+    return None
+
+
+def describe_allowed(model: type[BaseSettings], name: str) -> str:
+    """Words for the values field ``name`` of ``model`` accepts, e.g. ``"grpc, http"`` or ``"an integer >= 1"``."""
+    info = model.model_fields[name]
+    text = _annotation_text(info.annotation)
+    if text is None:
+        for meta in info.metadata:  # a field declared with an Annotated genimg type keeps its validator here
+            for known, known_text in _ALLOWED_TEXT.items():
+                if any(m is meta for m in getattr(known, "__metadata__", ())):
+                    text = known_text
+    if text:
+        return text
+    args = [a for a in get_args(info.annotation) if a is not type(None)] or [info.annotation]
+    kind = {int: "an integer", float: "a number", Path: "a path", str: "text"}.get(args[0], "a value")
+    bounds = []
+    for meta in info.metadata:
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("pattern", "matching")):
+            v = getattr(meta, attr, None)
+            if v is not None:
+                bounds.append(f"{op} {v}")
+        if isinstance(meta, annotated_types.MaxLen):
+            bounds.append(f"of at most {meta.max_length} characters")
+    return " ".join([kind, " and ".join(bounds)]).strip()
+
+
+def _shown(model: type[BaseSettings], name: str, value: object) -> str:
+    """The offending value for a message: never a secret (URLs are shown with the password masked)."""
+    if value is None:
+        return "<unset>"
+    text = str(value)
+    if "SecretStr" in repr(model.model_fields[name].annotation) or "SecretStr" in str(
+            model.model_fields[name].metadata):
+        if "://" not in text:
+            return "'***'"
+        from genimg.redaction import redact_url
+
+        text = redact_url(text)
+    return repr(text if len(text) <= 120 else text[:117] + "...")
+
+
+def settings_error(model: type[BaseSettings], error: pydantic.ValidationError,
+                   overrides: dict[str, Any] | None = None) -> ConfigError:
+    """One line for the first invalid field: the variable, the value given and the allowed values."""
+    first = error.errors(include_url=False)[0]
+    name = str(first["loc"][0]) if first.get("loc") else ""
+    if name not in model.model_fields:
+        return ConfigError(f"invalid settings: {first.get('msg')}")
+    var = f"GENIMG_{name.upper()}"
+    given = (overrides or {}).get(name, os.environ.get(var))
+    return ConfigError(f"invalid {var}={_shown(model, name, given)}: allowed {describe_allowed(model, name)}")
+
+
+def load_settings(model: type[BaseSettings], **overrides: Any):  # noqa: ANN201 - returns a model instance
+    """``model(**overrides)`` with the environment, or :class:`ConfigError` naming the first invalid variable.
+
+    Raises:
+        ConfigError: one line, ``invalid GENIMG_X='value': allowed …``.
+    """
+    try:
+        return model(**overrides)
+    except pydantic.ValidationError as e:
+        raise settings_error(model, e, overrides) from None
+
+
+def check_retired_variables(environ: dict[str, str] | None = None) -> None:
+    """Refuse variables genimg no longer reads (:data:`RETIRED_VARIABLES`).
+
+    Raises:
+        ConfigError: naming the variable and what replaced it.
+    """
+    env = os.environ if environ is None else environ
+    for var, why in RETIRED_VARIABLES.items():
+        if var in env:
+            raise ConfigError(f"invalid {var}={env[var]!r}: {why}")
+
+
+def check_log_level(value: str | None) -> str:
+    """``value`` upper-cased if it is one of :data:`LOG_LEVELS`.
+
+    Raises:
+        ConfigError: naming ``GENIMG_LOG_LEVEL`` and the allowed values.
+    """
+    level = (value or "INFO").upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"invalid GENIMG_LOG_LEVEL={value!r}: allowed {', '.join(LOG_LEVELS)}")
+    return level
 
 
 class _Base(BaseSettings):
@@ -24,6 +196,11 @@ class _Base(BaseSettings):
     def from_env(cls, **overrides: object):  # noqa: ANN206 - pydantic returns Self
         """Read the environment, then apply keyword overrides."""
         return cls(**overrides)
+
+    @classmethod
+    def checked(cls, **overrides: object):  # noqa: ANN206 - pydantic returns Self
+        """:meth:`from_env`, raising :class:`ConfigError` that names the first invalid ``GENIMG_*`` variable."""
+        return load_settings(cls, **overrides)
 
 
 class ModelSettings(_Base):
@@ -36,8 +213,8 @@ class ModelSettings(_Base):
 class TritonSettings(_Base):
     """How the worker reaches Triton."""
 
-    triton_url: str = "127.0.0.1:8001"
-    triton_protocol: str = Field(default="grpc", pattern="^(grpc|http)$")
+    triton_url: HostPort = "127.0.0.1:8001"
+    triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_timeout_s: float = Field(default=60.0, gt=0)
     triton_ready_timeout_s: float = Field(default=120.0, gt=0)
     triton_max_message_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
@@ -54,10 +231,11 @@ class StorageSettings(_Base):
     ``s3_max_attempts`` counts every attempt, the first included.
     """
 
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_addressing_style: str = Field(default="path", pattern="^(path|virtual|auto)$")
-    s3_max_pool_connections: int = Field(default=16, gt=0)
+    s3_endpoint_url: HttpUrl | None = None
+    s3_region: str = Field(default="us-east-1", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "path"
+    s3_max_pool_connections: int | None = Field(default=None, gt=0)
+    """Connections per S3 client; unset: sized from the callers' threads × ``s3_transfer_max_concurrency``."""
     s3_max_attempts: int = Field(default=5, gt=0)
     s3_multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     s3_access_key_id: SecretStr | None = None
@@ -65,7 +243,7 @@ class StorageSettings(_Base):
     s3_session_token: SecretStr | None = None
     s3_credentials_file: Path | None = Field(default=None, description="mounted AWS-style INI file")
     s3_credentials_profile: str = "default"
-    s3_retry_mode: str = Field(default="standard", pattern="^(standard|adaptive)$")
+    s3_retry_mode: Literal["standard", "adaptive"] = "standard"
     s3_connect_timeout_s: float = Field(default=10.0, gt=0)
     s3_read_timeout_s: float = Field(default=60.0, gt=0)
     s3_multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
@@ -85,3 +263,15 @@ class SpecSettings(_Base):
         description="file:// outputs must resolve (symlinks followed) inside this directory "
         "[env GENIMG_LOCAL_OUTPUT_ROOT]; unset disables file:// outputs",
     )
+
+
+def check_spec_settings(settings: SpecSettings) -> None:
+    """Start-up check of ``GENIMG_LOCAL_OUTPUT_ROOT``: unset, or an existing directory.
+
+    Raises:
+        ConfigError: naming the variable.
+    """
+    root = settings.local_output_root
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"invalid GENIMG_LOCAL_OUTPUT_ROOT={str(root)!r}: allowed an existing directory "
+                          "(or unset)")

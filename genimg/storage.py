@@ -13,8 +13,16 @@ validated only ``when_required`` (recent botocore otherwise sends CRC
 ``x-amz-checksum-*`` headers and ``aws-chunked`` bodies some stores reject);
 ``DeleteObjects`` — which S3 requires a checksum for — carries the classic
 ``Content-MD5`` header instead of a CRC32 one, the form every S3 API accepts;
-path-style addressing by default; a bounded connection pool; botocore's
-``standard`` or ``adaptive`` retry mode.
+path-style addressing by default; botocore's ``standard`` or ``adaptive``
+retry mode; a connection pool sized for the store's callers (:func:`pool_size`:
+threads that call it at once × parts uploaded at once per call, plus spares),
+so urllib3 never discards connections with "Connection pool is full".
+
+Throttles and retries are counted (:func:`count_s3_attempts`, botocore event
+hooks on every attempt): ``genimg_s3_throttled_total{operation,code}`` for each
+response that throttled (503, 429 or a throttling code such as ``SlowDown``),
+``genimg_s3_retries_total{operation,code}`` for each failed attempt botocore
+retried. Both count inside botocore's own retries, which genimg's errors never see.
 
 Integrity is by sha256 of the bytes, stored as user metadata ``sha256`` on
 every object written; ETags are never used for integrity (a multipart ETag is
@@ -93,6 +101,24 @@ _UNAVAILABLE_CODES = frozenset(
     }
 )
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload", "404"})
+_THROTTLE_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "BandwidthLimitExceeded",
+        "ProvisionedThroughputExceededException",
+    }
+)
+_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+SPARE_CONNECTIONS = 2
+"""Connections beyond ``callers × s3_transfer_max_concurrency`` (a HEAD or GET beside the uploads)."""
 
 _BOTO_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.BotoCoreError,
@@ -336,14 +362,53 @@ def resolve_credentials(settings: StorageSettings) -> dict[str, str]:
     return {}
 
 
-def client_config(settings: StorageSettings) -> Config:
-    """The botocore client configuration genimg uses for every S3 API (case C6)."""
+def check_storage(settings: StorageSettings) -> None:
+    """Start-up checks of S3 settings beyond their types: files that must exist, credentials that must pair.
+
+    Raises:
+        ConfigError: naming the variable.
+    """
+    bundle = settings.s3_ca_bundle
+    if bundle is not None and not bundle.is_file():
+        raise ConfigError(f"invalid GENIMG_S3_CA_BUNDLE={str(bundle)!r}: allowed an existing PEM file")
+    creds = settings.s3_credentials_file
+    if creds is not None and not creds.is_file():
+        raise ConfigError(f"invalid GENIMG_S3_CREDENTIALS_FILE={str(creds)!r}: allowed an existing "
+                          "AWS-style INI file")
+    resolve_credentials(settings)  # pairs of key id and secret, a readable profile
+
+
+def pool_size(settings: StorageSettings, callers: int = 1) -> tuple[int, int]:
+    """``(max_pool_connections, transfer_concurrency)`` for a store that ``callers`` threads use at once.
+
+    Each caller may run one upload with ``s3_transfer_max_concurrency`` part
+    uploads in flight, so the pool holds ``callers × concurrency +``
+    :data:`SPARE_CONNECTIONS`. An explicit ``GENIMG_S3_MAX_POOL_CONNECTIONS``
+    is kept, and the part concurrency is lowered to fit it instead.
+    """
+    callers = max(1, int(callers))
+    concurrency = settings.s3_transfer_max_concurrency
+    if settings.s3_max_pool_connections is None:
+        return callers * concurrency + SPARE_CONNECTIONS, concurrency
+    pool = settings.s3_max_pool_connections
+    return pool, max(1, min(concurrency, pool // callers))
+
+
+def client_config(settings: StorageSettings, max_pool_connections: int | None = None) -> Config:
+    """The botocore client configuration genimg uses for every S3 API (case C6).
+
+    Args:
+        settings: the S3 settings.
+        max_pool_connections: connection pool size (default :func:`pool_size` for one caller).
+    """
+    if max_pool_connections is None:
+        max_pool_connections = pool_size(settings)[0]
     return Config(
         region_name=settings.s3_region,
         signature_version="s3v4",
         s3={"addressing_style": settings.s3_addressing_style},
         retries={"mode": settings.s3_retry_mode, "total_max_attempts": settings.s3_max_attempts},
-        max_pool_connections=settings.s3_max_pool_connections,
+        max_pool_connections=max_pool_connections,
         connect_timeout=settings.s3_connect_timeout_s,
         read_timeout=settings.s3_read_timeout_s,
         request_checksum_calculation="when_required",
@@ -351,6 +416,60 @@ def client_config(settings: StorageSettings) -> Config:
         tcp_keepalive=True,
         user_agent_extra="genimg",
     )
+
+
+def _attempt_error(response: Any, caught_exception: BaseException | None) -> tuple[str, bool] | None:
+    """``(code, throttled)`` of a failed, retryable-looking attempt; ``None`` for a success or a final answer."""
+    if caught_exception is not None:
+        return type(caught_exception).__name__, False
+    if not response:
+        return None
+    http, parsed = response
+    status = int(getattr(http, "status_code", 0) or 0)
+    code = str(((parsed or {}).get("Error") or {}).get("Code") or "")
+    if status < 400 and not code:
+        return None
+    throttled = status in (429, 503) or code in _THROTTLE_CODES
+    if not (throttled or status in _RETRYABLE_STATUS or code in _UNAVAILABLE_CODES):
+        return None  # 404, 403, 400 …: answers, not faults
+    return code or str(status), throttled
+
+
+def _on_needs_retry(response: Any = None, caught_exception: BaseException | None = None, operation: Any = None,
+                    request_dict: dict[str, Any] | None = None, **_: Any) -> None:
+    """``needs-retry.s3``: runs after every attempt; counts throttles, marks the attempt for the retry count.
+
+    Returns ``None`` always, so botocore's own retry handler alone decides.
+    """
+    found = _attempt_error(response, caught_exception)
+    if found is None:
+        return None
+    from genimg import metrics
+
+    code, throttled = found
+    name = getattr(operation, "name", "unknown")
+    if throttled:
+        metrics.S3_THROTTLED.labels(name, code).inc()
+    if request_dict is not None:
+        request_dict.setdefault("context", {})["genimg_failed_attempt"] = (name, code)
+    return None
+
+
+def _on_request_created(request: Any = None, **_: Any) -> None:
+    """``request-created.s3``: an attempt after a failed one is a retry: count it under the failure's code."""
+    context = getattr(request, "context", None)
+    if isinstance(context, dict):
+        failed = context.pop("genimg_failed_attempt", None)
+        if failed is not None:
+            from genimg import metrics
+
+            metrics.S3_RETRIES.labels(*failed).inc()
+
+
+def count_s3_attempts(client: Any) -> None:
+    """Register the throttle and retry counters' botocore event hooks on an S3 ``client``."""
+    client.meta.events.register("needs-retry.s3", _on_needs_retry, unique_id="genimg-count-needs-retry")
+    client.meta.events.register("request-created.s3", _on_request_created, unique_id="genimg-count-retries")
 
 
 class S3Store:
@@ -365,13 +484,14 @@ class S3Store:
         settings: endpoint, region, addressing style, pool size, retries,
             timeouts, multipart threshold/chunk size and credentials.
         bucket: the bucket all keys refer to.
+        callers: threads that may call this store at once (sizes the connection pool, :func:`pool_size`).
 
     Raises:
         ValidationError: invalid bucket name.
         ConfigError: inconsistent credentials settings.
     """
 
-    def __init__(self, settings: StorageSettings, bucket: str) -> None:
+    def __init__(self, settings: StorageSettings, bucket: str, *, callers: int = 1) -> None:
         if not _BUCKET_RE.match(bucket) or ".." in bucket:
             raise ValidationError(f"invalid bucket name {bucket!r}", field="bucket")
         self.bucket = bucket
@@ -385,17 +505,19 @@ class S3Store:
         else:
             install_secret_redaction()
         verify: str | bool | None = str(settings.s3_ca_bundle) if settings.s3_ca_bundle else None
+        pool, concurrency = pool_size(settings, callers)
         self._client = session.client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
-            config=client_config(settings),
+            config=client_config(settings, pool),
             verify=verify,
         )
         self._client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
+        count_s3_attempts(self._client)
         self._transfer_config = boto3.s3.transfer.TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold_bytes,
             multipart_chunksize=settings.s3_multipart_chunk_bytes,
-            max_concurrency=min(settings.s3_transfer_max_concurrency, settings.s3_max_pool_connections),
+            max_concurrency=concurrency,
             use_threads=True,
             preferred_transfer_client="classic",
         )

@@ -35,12 +35,14 @@ class ManagedStore(ObjectStore, Protocol):
     def close(self) -> None: ...
 
 
-def open_store(output_url: str, settings: StorageSettings | None = None) -> tuple[ManagedStore, str]:
+def open_store(output_url: str, settings: StorageSettings | None = None, *,
+               callers: int = 1) -> tuple[ManagedStore, str]:
     """The store for ``output_url`` and the key prefix inside it.
 
     Args:
         output_url: ``s3://bucket[/prefix]`` or ``file:///absolute/dir``.
         settings: S3 settings (read from ``GENIMG_*`` when omitted; unused for ``file://``).
+        callers: threads that will call the store at once (sizes an S3 connection pool).
 
     Returns:
         ``(store, prefix)``; ``prefix`` has no leading or trailing ``/``.
@@ -53,7 +55,7 @@ def open_store(output_url: str, settings: StorageSettings | None = None) -> tupl
         return FileStore(output_url[len("file://"):]), ""
     if isinstance(output_url, str) and output_url.startswith("s3://"):
         bucket, prefix = parse_url(output_url)
-        return S3Store(settings or StorageSettings.from_env(), bucket), prefix
+        return S3Store(settings or StorageSettings.from_env(), bucket, callers=callers), prefix
     raise ValidationError(f"expected s3://bucket/prefix or file:///dir, got {output_url!r}", field="output")
 
 

@@ -36,6 +36,8 @@ def _mount() -> None:
     app.command("worker")(worker)
     from genimg.exporter import exporter
     app.command("exporter")(exporter)
+    from workers.reconcile import reconcile
+    app.command("reconcile")(reconcile)
     try:
         from genimg.triton.cli import app as triton_app
     except ImportError:  # the triton sub-package is optional at this stage
@@ -46,9 +48,16 @@ def _mount() -> None:
 @app.callback()
 def _root(log_level: str = typer.Option(os.environ.get("GENIMG_LOG_LEVEL", "INFO"), "--log-level",
                                         help="Logging level [env GENIMG_LOG_LEVEL]")) -> None:
+    from genimg.errors import ConfigError
     from genimg.redaction import REDACTION
+    from genimg.settings import check_log_level
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        level = check_log_level(log_level)
+    except ConfigError as e:
+        typer.echo(f"genimg: refusing to start: {e}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for handler in logging.getLogger().handlers:  # no credential in any log line (case C7)
         if REDACTION not in handler.filters:
             handler.addFilter(REDACTION)

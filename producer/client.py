@@ -15,7 +15,9 @@ Submission order (nothing is stored or enqueued for an invalid job):
 1. every field is validated (``JobSpec.create``; prompts with a provisional
    count), the prompt source is opened, the output bucket is checked;
 2. an idempotency key, if given, is claimed (``SET {p}:idem:{key} NX``); a key
-   already claimed returns the existing job and enqueues nothing;
+   already claimed returns the existing job and enqueues nothing, or raises
+   :class:`~genimg.errors.ConflictError` if that job's spec differs (every
+   field but the derived ones and the prompt count);
 3. prompts are streamed into chunks in storage while they are counted and
    validated; any invalid prompt raises a ``ValidationError`` naming its line,
    after the chunks already written are deleted;
@@ -32,16 +34,14 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pydantic
 import redis
 
 from genimg import jobs
 from genimg.errors import (
-    ConfigError,
+    ConflictError,
     GenImgError,
     QueueUnavailableError,
     StorageNotFoundError,
@@ -52,19 +52,17 @@ from genimg.jobs import SPEC_OBJECT
 from genimg.profiles import load_profiles
 from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
-from genimg.settings import SpecSettings, StorageSettings
+from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.shards import Layout
 from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, validate_output_url
+from genimg.storage import check_storage
 from genimg.stores import ManagedStore, open_store
 from producer.job import Job, JobNotFoundError
-from workers.config import WorkerSettings, celery_config
+from workers.config import WorkerSettings
+from workers.messages import ENQUEUE_BATCH, TASK_NAME, producer_app, send_shards  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "genimg.generate_shard"
-"""Celery task name of one shard (positional JSON args ``[job_id, shard_index]``)."""
-ENQUEUE_BATCH = 1_000
-"""Task messages per Redis pipeline when enqueueing."""
 UPLOAD_THREADS = 8
 """Prompt chunks uploaded in parallel."""
 MAX_UPLOADS_IN_FLIGHT = 16
@@ -95,7 +93,7 @@ class Client:
         spec_settings: where ``file://`` outputs may go.
 
     Raises:
-        ConfigError: an invalid setting.
+        ConfigError: an invalid setting (one line naming the ``GENIMG_*`` variable and the allowed values).
     """
 
     def __init__(self, redis_url: str | None = None, *, queue: str | None = None,
@@ -103,14 +101,11 @@ class Client:
                  spec_settings: SpecSettings | None = None) -> None:
         overrides: dict[str, Any] = {k: v for k, v in {"redis_url": redis_url, "queue": queue,
                                                         "key_prefix": key_prefix}.items() if v is not None}
-        try:
-            self.settings = WorkerSettings(**overrides)
-            self.storage_settings = storage or StorageSettings.from_env()
-            self.spec_settings = spec_settings or SpecSettings.from_env()
-        except pydantic.ValidationError as e:
-            first = e.errors(include_url=False)[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
-            raise ConfigError(f"invalid setting {where}: {first.get('msg')}") from None
+        self.settings = load_settings(WorkerSettings, **overrides)
+        self.storage_settings = storage or StorageSettings.checked()
+        self.spec_settings = spec_settings or SpecSettings.checked()
+        check_storage(self.storage_settings)
+        check_spec_settings(self.spec_settings)
         url = self.settings.redis_url.get_secret_value()
         register_url_secret(url)
         install_secret_redaction()
@@ -163,21 +158,12 @@ class Client:
 
     def _app(self) -> Any:
         if self._celery is None:
-            from celery import Celery
-
-            config = celery_config(self.settings)
-            # kombu pipelines batched publishes only when redis-py will not retry a
-            # pipeline on its own; the producer needs no such retry (resume re-sends).
-            config["broker_transport_options"] = {**config["broker_transport_options"],
-                                                  "retry_on_timeout": False}
-            app = Celery("genimg-producer", set_as_current=False)
-            app.conf.update(config)
-            self._celery = app
+            self._celery = producer_app(self.settings)
         return self._celery
 
     def _open(self, output: str) -> tuple[ManagedStore, str]:
         if output not in self._stores:
-            self._stores[output] = open_store(output, self.storage_settings)
+            self._stores[output] = open_store(output, self.storage_settings, callers=UPLOAD_THREADS)
         return self._stores[output]
 
     def job_store(self, spec: JobSpec) -> tuple[ManagedStore, Layout]:
@@ -282,7 +268,8 @@ class Client:
             upscale: ``False`` runs the profile's variant without upscaling (digits: 28x28).
             priority: 0..9 or ``low``/``normal``/``high``; higher runs sooner.
             name: optional label.
-            idempotency_key: submitting the same key again returns the same job.
+            idempotency_key: submitting the same key again with the same spec returns the same job;
+                with a different spec it raises :class:`~genimg.errors.ConflictError`.
             prompt_column: field/column of JSONL, CSV or Parquet prompts (default ``prompt``).
             prompt_format: ``text``, ``jsonl``, ``csv`` or ``parquet`` (default from the suffix).
             prompt_chunk_size: prompts per stored chunk (default 1,000).
@@ -296,6 +283,8 @@ class Client:
         Raises:
             ValidationError: an invalid field, parameter or prompt (``.field`` names it, e.g.
                 ``params.steps``); nothing was stored.
+            ConflictError: the idempotency key was used before for a different spec (``.key`` names it);
+                nothing was stored or enqueued.
             QueueUnavailableError: Redis is unreachable.
             StorageError: storage is unreachable or refused.
         """
@@ -338,6 +327,11 @@ class Client:
             claimed = self.redis_call("claim idempotency key", self.redis.set, idem, spec.job_id.encode(),
                                       nx=True, ex=IDEMPOTENCY_CLAIM_TTL_S)
             if not claimed:
+                raw = self.redis_call("read spec", self.redis.get, self.keys.job(spec.job_id, "spec"))
+                if raw is None and f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
+                    raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
+                if raw is not None:  # else the first submit is still storing prompts: nothing to compare yet
+                    _check_same_request(JobSpec.from_json(raw, settings=self.spec_settings), spec)
                 log.info("idempotency key already used by job %s; nothing enqueued", spec.job_id)
                 return Job(self, spec.job_id, output=spec.output)
             if f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
@@ -363,6 +357,11 @@ class Client:
         """Same idempotency key, Redis lost, job.json in storage: re-register the stored job."""
         stored = JobSpec.from_json(store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}"),
                                    settings=self.spec_settings)
+        try:
+            _check_same_request(stored, spec)
+        except ConflictError:
+            self.redis_call("release idempotency key", self.redis.delete, idem)
+            raise
         jobs.store_spec(self.redis, self.keys, stored)
         self.redis_call("keep idempotency key", self.redis.persist, idem)
         log.info("job %s is already stored under %s; nothing enqueued (use resume to finish it)",
@@ -431,23 +430,14 @@ class Client:
         """
         from kombu.exceptions import KombuError, OperationalError
 
-        app = self._app()
         queue = self.settings.queue
-        priority = celery_priority(spec.priority)
-        sent = 0
+        todo = list(shards)
         try:
-            with app.producer_or_acquire() as producer:
-                batch = producer.batch(ENQUEUE_BATCH) if hasattr(producer, "batch") else nullcontext()
-                with batch:
-                    for shard in shards:
-                        app.send_task(TASK_NAME, args=[spec.job_id, int(shard)], queue=queue,
-                                      priority=priority, producer=producer, ignore_result=True,
-                                      declare=None if sent == 0 else [])
-                        sent += 1
+            sent = send_shards(self._app(), queue, spec.job_id, celery_priority(spec.priority), todo)
         except (OperationalError, KombuError, redis.RedisError, OSError) as e:
             raise QueueUnavailableError(
-                f"enqueueing job {spec.job_id} failed after {sent} messages "
-                f"({describe_redis_error(e)}); run resume to send the rest") from e
+                f"enqueueing job {spec.job_id} failed ({describe_redis_error(e)}); some of its "
+                f"{len(todo)} messages may have been sent: run resume to send the rest") from e
         log.info("enqueued job %s: %d shard messages on queue %s (priority %d)", spec.job_id, sent,
                  queue, spec.priority)
         return sent
@@ -468,6 +458,26 @@ def _open_prompts(prompts: Any, column: str | None, fmt: str | None) -> Iterable
         if e.field == "fmt":
             raise ValidationError(str(e).removeprefix("fmt: "), field="prompt_format") from None
         raise
+
+
+_NOT_COMPARED = frozenset({"schema_version", "job_id", "created_at", "num_prompts"})
+"""Spec fields an idempotent resubmit may differ in: derived ones, and the prompt count (prompts are
+streamed into storage, not kept; it is only known after they have all been read)."""
+
+
+def _check_same_request(stored: JobSpec, new: JobSpec) -> None:
+    """Raise :class:`ConflictError` unless ``new`` asks for the same job as ``stored`` (same idempotency key).
+
+    Raises:
+        ConflictError: naming the key and the fields that differ.
+    """
+    a, b = stored.model_dump(), new.model_dump()
+    differ = sorted(k for k in a if k not in _NOT_COMPARED and a[k] != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {a[k]!r} != {b.get(k)!r}" for k in differ[:5])
+        raise ConflictError(f"idempotency key {new.idempotency_key!r} was already used for job {stored.job_id} "
+                            f"with a different spec ({shown}); use a new key for a new job",
+                            key=new.idempotency_key or "")
 
 
 def _check_job_id(job_id: object) -> None:

@@ -4,8 +4,10 @@ Exit codes (every command):
 
 - 0: done (for ``wait`` and ``submit --wait``: the job succeeded);
 - 1: the job failed or was cancelled;
-- 2: invalid input (a bad option, prompt, file, output URL or job id); the
-  message on stderr names the field; nothing was stored or enqueued;
+- 2: invalid input (a bad option, prompt, file, output URL or job id, an
+  invalid ``GENIMG_*`` setting, an idempotency key reused for a different
+  spec); the message on stderr names the field, variable or key; nothing was
+  stored or enqueued;
 - 3: Redis or storage unavailable, or another operational error;
 - 124: ``--timeout-s`` passed while waiting (the job goes on).
 
@@ -25,7 +27,7 @@ from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 
-from genimg.errors import ConfigError, GenImgError, ValidationError
+from genimg.errors import ConfigError, ConflictError, GenImgError, ValidationError
 from genimg.redaction import REDACTION
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def _exit_codes() -> Iterator[None]:
     except ValidationError as e:
         _err(f"genimg: invalid {e.field or 'input'}: {str(e).removeprefix(f'{e.field}: ')}")
         raise typer.Exit(EXIT_INVALID) from None
-    except (JobNotFoundError, ConfigError) as e:
+    except (JobNotFoundError, ConfigError, ConflictError) as e:
         _err(f"genimg: {e}")
         raise typer.Exit(EXIT_INVALID) from None
     except WaitTimeoutError as e:
@@ -164,7 +166,8 @@ def submit(
         "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="A label for the job.")] = None,
     idempotency_key: Annotated[Optional[str], typer.Option(
-        "--idempotency-key", help="Submitting the same key again returns the same job.")] = None,
+        "--idempotency-key",
+        help="Submitting the same key again returns the same job (exit 2 if its spec differs).")] = None,
     prompt_column: Annotated[Optional[str], typer.Option(
         "--prompt-column", help="Field/column of .jsonl/.csv/.parquet prompts (default: prompt).")] = None,
     prompt_format: Annotated[Optional[str], typer.Option(

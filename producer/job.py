@@ -236,8 +236,8 @@ class Job:
 
         Storage is the truth: the spec is restored into Redis from
         ``job.json``; the done-hash is rebuilt from the committed shards'
-        stats; a ``cancelled`` state, failure records and stale running
-        records of uncommitted shards are cleared; then one message per
+        stats; a ``cancelled`` state, failure records, stale running records
+        and the reconciler's re-enqueue counts of uncommitted shards are cleared; then one message per
         uncommitted shard is enqueued. A shard that is still queued from
         before may thus run twice; the second run finds it committed and
         skips it. When nothing is left to do, the job is finalised.
@@ -278,6 +278,7 @@ class Job:
                 pipe.hdel(keys.job(self.job_id, "failed"), *part)
                 pipe.hdel(keys.job(self.job_id, "running"), *part)
                 pipe.hdel(keys.job(self.job_id, "done"), *part)  # its index is gone: not done
+                pipe.hdel(keys.job(self.job_id, "healed"), *part)  # the reconciler's count starts afresh
         self._client.redis_call("reset job state", pipe.execute)
 
         if not todo:

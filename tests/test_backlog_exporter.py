@@ -166,4 +166,4 @@ def test_exporter_refuses_an_invalid_queue_name_with_exit_code_2():
     proc = subprocess.run([sys.executable, "-m", "producer.cli", "exporter", "--port", str(free_port()),
                            "--queue", "no spaces allowed"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    assert "invalid queue" in proc.stderr
+    assert "invalid GENIMG_QUEUE='no spaces allowed': allowed" in proc.stderr and "Traceback" not in proc.stderr

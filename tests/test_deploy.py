@@ -43,8 +43,8 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 CRD_GROUPS = ("keda.sh", "monitoring.coreos.com")
 WORKER_SHUTDOWN_MARGIN_S = 15
 """Grace period beyond the hard limit and Triton's exit timeout: the preStop hook and Celery's own shutdown."""
-METRICS_PORTS = {9101, 8002, 9180}
-"""Worker /metrics, Triton metrics, backlog exporter."""
+METRICS_PORTS = {9101, 8002, 9180, 9181}
+"""Worker /metrics, Triton metrics, backlog exporter, reconciler."""
 SHELLS = {"sh", "bash", "dash", "ash", "/bin/sh", "/bin/bash", "/usr/bin/env"}
 
 
@@ -454,6 +454,20 @@ def test_only_prometheus_reaches_the_metrics_ports_and_nothing_reaches_triton(ov
     assert open_to_prometheus == {9101, 8002}
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_reconciler_runs_with_the_workers_settings_so_its_bound_follows_their_visibility_timeout(overlay):
+    objs = rendered(overlay)
+    found = [(wl, c) for wl in workloads(objs) for c in wl["spec"]["template"]["spec"]["containers"]
+             if c.get("command", [])[:2] == ["genimg", "reconcile"]]
+    assert len(found) == 1, "exactly one container runs `genimg reconcile`"
+    wl, container = found[0]
+    worker_env = [e["configMapRef"]["name"] for c in containers(worker_deployment(objs)["spec"]["template"]["spec"])
+                  for e in c.get("envFrom", []) if "configMapRef" in e]
+    assert [e["configMapRef"]["name"] for e in container["envFrom"]] == worker_env[:1]
+    assert wl["spec"]["template"]["metadata"]["labels"].get("genimg.io/redis-client") == "true"
+    assert {p["containerPort"] for p in container["ports"]} == {9181}
+
+
 def test_only_workers_the_exporter_and_producers_reach_dev_redis():
     objs = rendered("cpu-dev")
     redis_labels = one(objs, "StatefulSet", "genimg-redis")["spec"]["template"]["metadata"]["labels"]
@@ -609,9 +623,9 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"the worker image has no {{name}}")
 sys.meta_path.insert(0, Block())
-import producer.cli, workers.app, workers.tasks, workers.cli, genimg.exporter
+import producer.cli, workers.app, workers.tasks, workers.cli, workers.gate, workers.reconcile, genimg.exporter
 from typer.testing import CliRunner
-for argv in (["worker", "--help"], ["exporter", "--help"]):
+for argv in (["worker", "--help"], ["exporter", "--help"], ["reconcile", "--help"]):
     result = CliRunner().invoke(producer.cli.app, argv)
     assert result.exit_code == 0, (argv, result.output, result.exception)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
@@ -639,7 +653,7 @@ def test_compose_file_matches_the_compose_spec_schema():
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(compose_file())]
     assert not errors, "\n".join(errors)
     services = compose_file()["services"]
-    assert {"redis", "minio", "triton", "worker", "exporter", "prometheus", "grafana"} <= set(services)
+    assert {"redis", "minio", "triton", "worker", "exporter", "reconciler", "prometheus", "grafana"} <= set(services)
     for name, service in services.items():
         for dep in service.get("depends_on", {}):
             assert dep in services, f"{name} depends on unknown service {dep}"

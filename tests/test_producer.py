@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genimg import jobs
-from genimg.errors import QueueUnavailableError, ValidationError
+from genimg.errors import ConflictError, QueueUnavailableError, ValidationError
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key
 from genimg.jobs import SPEC_OBJECT, SUCCESS_OBJECT
 from genimg.queue import celery_priority
@@ -224,6 +224,35 @@ def test_idempotency_key_after_redis_lost_the_job_returns_the_stored_job_without
     assert again.spec.created_at == first.spec.created_at  # the stored spec, not a new one
     assert env.messages() == []
     assert env.client.job(first.job_id).spec == first.spec  # back in Redis
+
+
+def test_an_idempotency_key_reused_with_a_different_spec_is_a_conflict_naming_the_key(producer_env: ProducerEnv):
+    env = producer_env
+    first = env.client.submit(count=30, shard_size=10, output=env.output, seed=1, idempotency_key="nightly-3")
+    before = (env.stored_keys(), len(env.messages()))
+    with pytest.raises(ConflictError, match=r"'nightly-3'.*seed 1 != 2") as info:
+        env.client.submit(count=30, shard_size=10, output=env.output, seed=2, idempotency_key="nightly-3")
+    assert info.value.key == "nightly-3" and first.job_id in str(info.value)
+    assert (env.stored_keys(), len(env.messages())) == before  # nothing stored or enqueued
+    env.forget_job(first.job_id)  # Redis lost the job: the stored job.json is compared instead
+    with pytest.raises(ConflictError, match="count"):
+        env.client.submit(count=40, shard_size=10, output=env.output, seed=1, idempotency_key="nightly-3")
+    again = env.client.submit(count=30, shard_size=10, output=env.output, seed=1, idempotency_key="nightly-3")
+    assert again.job_id == first.job_id
+
+
+def test_cli_submit_exits_2_naming_the_key_when_it_was_used_for_another_spec(producer_env: ProducerEnv):
+    import os
+    import subprocess
+    import sys
+
+    env = producer_env
+    env.client.submit(count=5, shard_size=5, output=env.output, idempotency_key="cli-k")
+    out = subprocess.run([sys.executable, "-m", "producer.cli", "submit", "--count", "6", "--output", env.output,
+                          "--idempotency-key", "cli-k"], env={**os.environ, **env.env()}, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert "'cli-k'" in out.stderr and "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_rejected_submit_releases_its_idempotency_key(producer_env: ProducerEnv):

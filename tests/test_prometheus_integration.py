@@ -112,6 +112,9 @@ def observed(triton_server, moto_s3_endpoint: str, prometheus_binaries: dict[str
         cleanup.callback(_drop_keys, st.redis, env)
         exporter = start_exporter(tmp, "--queue", env["GENIMG_QUEUE"], "--redis-url", REDIS_URL)
         cleanup.callback(exporter.stop)
+        reconciler = start_exporter(tmp, command="reconcile",
+                                    env={"GENIMG_RECONCILE_INTERVAL_S": "0.5", "GENIMG_RECONCILE_LEASE_S": "10"})
+        cleanup.callback(reconciler.stop)
         cleanup.callback(st.stop_all)
         with Client() as client:
             job = client.submit(PROMPTS, images_per_prompt=1, output=f"s3://{bucket}/prom", seed=5,
@@ -123,6 +126,7 @@ def observed(triton_server, moto_s3_endpoint: str, prometheus_binaries: dict[str
             prom = PrometheusServer(prometheus_binaries["prometheus"], tmp, {
                 "genimg-worker": [f"127.0.0.1:{port}" for port in worker_ports],
                 "genimg-exporter": [exporter.target],
+                "genimg-reconciler": [reconciler.target],
                 "triton": [triton_server.urls["metrics"].removeprefix("http://").removesuffix("/metrics")],
             }, scrape_interval=SCRAPE_INTERVAL)
             cleanup.callback(prom.stop)
@@ -172,7 +176,16 @@ def _drop_keys(r: redis.Redis, env: dict[str, str]) -> None:
 
 
 def test_prometheus_scrapes_both_workers_the_exporter_and_triton(observed: Observed):
-    assert observed.targets == {"genimg-worker": ["up", "up"], "genimg-exporter": ["up"], "triton": ["up"]}
+    assert observed.targets == {"genimg-worker": ["up", "up"], "genimg-exporter": ["up"],
+                                "genimg-reconciler": ["up"], "triton": ["up"]}
+
+
+def test_the_reconciler_leads_sees_the_job_unfinished_while_it_runs_and_heals_nothing(observed: Observed):
+    prom, queue = observed.prom, observed.queue
+    assert prom.value("genimg_reconciler_leader") == 1
+    assert prom.value(f'max_over_time(genimg_jobs_unfinished{{queue="{queue}"}}[10m])', observed.ended_s) == 1
+    assert prom.value(f'genimg_jobs_unfinished{{queue="{queue}"}}') == 0  # finished (failed shards included)
+    assert prom.value(f'genimg_reconciler_shards_requeued_total{{queue="{queue}"}}') in (None, 0)
 
 
 def test_images_written_according_to_prometheus_equal_the_manifest_rows(observed: Observed):
@@ -215,7 +228,7 @@ def test_the_backlog_returned_to_zero_only_after_the_last_shard_committed_or_fai
 def test_every_rule_evaluates_without_error_on_the_real_metrics(observed: Observed):
     groups = observed.prom.api("rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 17
+    assert len(rules) == 19
     assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
 
 

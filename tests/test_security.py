@@ -237,7 +237,7 @@ def test_no_credential_appears_in_task_messages_redis_records_results_objects_me
     proxy.fail(None, match=lambda q: q.method == "PUT" and q.path.split("?")[0].endswith("/shards/000002.tar"))
     creds = {"GENIMG_S3_ACCESS_KEY_ID": S3_KEY_ID, "GENIMG_S3_SECRET_ACCESS_KEY": S3_SECRET,
              "GENIMG_S3_SESSION_TOKEN": S3_TOKEN, "GENIMG_S3_ENDPOINT_URL": proxy.endpoint_url,
-             "GENIMG_S3_MAX_ATTEMPTS": "2", "GENIMG_MAX_RETRIES": "1"}
+             "GENIMG_S3_MAX_ATTEMPTS": "2", "GENIMG_RETRY_BUDGET_S": "1"}
     stack.env.update(creds)
     os.environ.update(creds)
     _use_redis(stack, auth_redis.url)

@@ -320,3 +320,77 @@ def test_redaction_filter_removes_presigned_url_and_header_secrets():
     out = REDACTION.redact(text)
     for needle in ("Signature=", "TOKENVALUE", "AKIAX", "deadbeef", "SECRETVALUE", "abc123"):
         assert needle not in out, (needle, out)
+
+
+# --------------------------------------------------------------------------- throttle and retry metrics
+
+
+def _samples(name: str) -> dict[tuple[str, str], float]:
+    from prometheus_client import REGISTRY
+
+    out: dict[tuple[str, str], float] = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                out[(sample.labels["operation"], sample.labels["code"])] = sample.value
+    return out
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def test_throttle_metric_equals_the_503s_the_proxy_served_by_operation_and_code(make_s3_store, fault_proxy):
+    """Every 503 SlowDown is counted once (retried attempts and the final, un-retried one alike), under the
+    operation it hit; each retried failure (503s and connection resets) once in the retry counter."""
+    import random
+
+    rng = random.Random(16)
+    slow = fault_proxy.fail(None, match=lambda q: rng.random() < 0.3)
+    reset = fault_proxy.fail(2, action="reset", match=lambda q: q.method == "GET")
+    store = make_s3_store(endpoint_url=fault_proxy.endpoint_url, s3_max_attempts=4,
+                          s3_multipart_threshold_bytes=5 * MiB, s3_multipart_chunk_bytes=5 * MiB)
+    throttled0, retries0 = _samples("genimg_s3_throttled_total"), _samples("genimg_s3_retries_total")
+    failures = 0
+    for i in range(8):
+        try:
+            store.put_bytes(f"t/{i}", b"x" * 100)
+            store.get_bytes(f"t/{i}")
+            store.exists(f"t/{i}")
+        except StorageUnavailableError:
+            failures += 1  # four 503s in a row: counted all the same
+    store.put_bytes("t/big", _payload(5 * MiB + 1))  # CreateMultipartUpload, UploadPart ×2, Complete…
+    throttled = _delta(_samples("genimg_s3_throttled_total"), throttled0)
+    retries = _delta(_samples("genimg_s3_retries_total"), retries0)
+
+    assert slow.fired > 5 and reset.fired == 2
+    assert sum(throttled.values()) == slow.fired, (throttled, slow.fired, failures)
+    assert {code for _, code in throttled} <= {"SlowDown", "503"}  # HEAD answers carry no body, so no code
+    assert {op for op, _ in throttled} <= {"PutObject", "GetObject", "HeadObject", "CreateMultipartUpload",
+                                            "UploadPart", "CompleteMultipartUpload"}
+    # Retried: every fault but the last attempt of each request that failed after 4 attempts.
+    assert sum(retries.values()) == slow.fired + reset.fired - failures, (retries, failures)
+    assert sum(v for (_, code), v in retries.items() if code not in ("SlowDown", "503")) == reset.fired
+
+
+def test_the_connection_pool_fits_every_caller_and_its_part_uploads(make_s3_store, caplog):
+    from genimg.storage import pool_size
+    from tests.fixtures.s3 import storage_settings_for
+
+    settings = storage_settings_for("http://127.0.0.1:1", s3_transfer_max_concurrency=4)
+    assert pool_size(settings, callers=8) == (8 * 4 + 2, 4)
+    explicit = storage_settings_for("http://127.0.0.1:1", s3_transfer_max_concurrency=4, s3_max_pool_connections=10)
+    assert pool_size(explicit, callers=4) == (10, 2)  # the part concurrency is lowered to fit
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from genimg.storage import S3Store as Store
+
+    base = make_s3_store()
+    store = Store(base.settings, base.bucket, callers=24)  # more threads than the old fixed pool of 16
+    assert store.client.meta.config.max_pool_connections == 24 * 4 + 2
+    caplog.set_level(logging.WARNING, logger="urllib3.connectionpool")
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(lambda i: store.put_bytes(f"pool/{i}", b"y" * 1000), range(96)))
+    store.close()
+    assert "Connection pool is full" not in caplog.text

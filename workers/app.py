@@ -29,16 +29,31 @@ from workers.config import WorkerSettings, celery_config
 log = logging.getLogger(__name__)
 
 
-def required_models() -> list[str]:
-    """The Triton models a worker needs ready before it takes a shard: every profile's (``GENIMG_PROFILES_DIR``)."""
-    from genimg.profiles import load_profiles
-
-    return load_profiles().triton_models()
-
 SETTINGS = WorkerSettings()
 register_url_secret(SETTINGS.redis_url.get_secret_value())  # no log line shows the Redis password (C7)
 app = Celery("genimg")
 app.conf.update(celery_config(SETTINGS))
+
+
+def required_models() -> list[str]:
+    """The Triton models this worker needs ready before it takes a shard (the one place that says).
+
+    Used by the consumer gate (:mod:`workers.gate`), the per-process context
+    and ``genimg worker --check``: every model of every profile in ``GENIMG_PROFILES_DIR``
+    (the bundled profiles by default), prompt stages included.
+    """
+    from genimg.profiles import load_profiles
+
+    return load_profiles().triton_models()
+
+
+def _add_gate() -> None:
+    from workers.gate import TritonGate
+
+    app.steps["consumer"].add(TritonGate)
+
+
+_add_gate()
 
 
 @after_setup_logger.connect
@@ -114,6 +129,23 @@ def context() -> WorkerContext:
             )
             _CTX_PID = os.getpid()
         return _CTX
+
+
+def drop_inference_client() -> None:
+    """Close this process's Triton client; the next :func:`context` builds a new one.
+
+    Called after Triton was unreachable: a new gRPC channel connects at once,
+    where the old one may sit in gRPC's reconnect backoff (up to two minutes)
+    long after Triton is back.
+    """
+    global _CTX
+    with _LOCK:
+        if _CTX is not None and _CTX_PID == os.getpid():
+            try:
+                _CTX.infer.client.close()
+            except Exception as e:  # noqa: BLE001 - closing a broken channel; nothing to do about it
+                log.debug("closing the Triton client: %s", e)
+            _CTX = None
 
 
 @worker_process_shutdown.connect

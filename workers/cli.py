@@ -19,6 +19,40 @@ import typer
 log = logging.getLogger(__name__)
 
 
+def validate_settings() -> object:
+    """Every ``GENIMG_*`` value the worker (main process and pool children) reads, checked at once.
+
+    Worker settings and their timing (case C1), the Triton client, S3 (files
+    that must exist, credentials that must pair), job-spec settings, and
+    variables genimg no longer reads.
+
+    Returns:
+        The :class:`~workers.config.WorkerSettings`.
+
+    Raises:
+        ConfigError: one line naming the first invalid variable and the allowed values.
+    """
+    from genimg.settings import (
+        SpecSettings,
+        StorageSettings,
+        TritonSettings,
+        check_retired_variables,
+        check_spec_settings,
+        load_settings,
+    )
+    from genimg.storage import check_storage
+    from workers.config import WorkerSettings, check_timing
+
+    check_retired_variables()
+    s = load_settings(WorkerSettings)
+    if s.check_timing:
+        check_timing(s)
+    TritonSettings.checked()
+    check_storage(StorageSettings.checked())
+    check_spec_settings(SpecSettings.checked())
+    return s
+
+
 def _probe() -> int:
     """Liveness/readiness: Redis answers PING and Triton's ensembles are ready. Returns 0 or 1."""
     import redis
@@ -26,14 +60,12 @@ def _probe() -> int:
     from genimg.errors import GenImgError
     from genimg.settings import TritonSettings
     from genimg.triton.client import InferenceClient
-    from workers.config import WorkerSettings
+    from workers.app import SETTINGS as s
+    from workers.app import required_models
 
-    s = WorkerSettings()
     try:
         redis.Redis.from_url(s.redis_url.get_secret_value(), socket_connect_timeout=3, socket_timeout=3).ping()
         with InferenceClient.from_settings(TritonSettings.from_env()) as client:
-            from workers.app import required_models
-
             client.wait_ready(required_models(), timeout_s=3)
     except (redis.RedisError, GenImgError) as e:
         typer.echo(f"worker check failed: {type(e).__name__}: {e}", err=True)
@@ -49,31 +81,43 @@ def worker(
     hostname: str = typer.Option(None, help="Celery node name (default genimg@HOST-PID)."),
     check: bool = typer.Option(False, "--check", help="Probe Redis and Triton, exit 0 (ok) or 1."),
 ) -> None:
-    """Consume shard tasks until SIGTERM (warm shutdown: the running shard finishes first)."""
-    if check:
-        raise typer.Exit(_probe())
+    """Consume shard tasks until SIGTERM (warm shutdown: the running shard finishes first).
+
+    Every ``GENIMG_*`` setting is checked first: an invalid one exits 2 with one
+    line naming it, before anything is consumed. The worker then takes shards
+    only while Triton reports every model it needs as ready (:mod:`workers.gate`).
+    """
     overrides = {k: v for k, v in {"concurrency": concurrency, "metrics_port": metrics_port,
                                    "max_tasks_per_child": max_tasks_per_child}.items() if v is not None}
     for k, v in overrides.items():
         os.environ[f"GENIMG_{k.upper()}"] = str(v)
     from genimg.errors import ConfigError
-    from workers.config import WorkerSettings, check_timing
 
-    s = WorkerSettings()
-    if s.check_timing:
-        try:
-            check_timing(s)
-        except ConfigError as e:
-            typer.echo(f"genimg worker: refusing to start: {e}", err=True)
-            raise typer.Exit(2) from None
+    try:
+        s = validate_settings()
+    except ConfigError as e:
+        typer.echo(f"genimg worker: refusing to start: {e}", err=True)
+        raise typer.Exit(2) from None
+    if check:
+        raise typer.Exit(_probe())
     if s.metrics_port:
         from genimg import metrics
 
-        mdir = s.metrics_dir or tempfile.mkdtemp(prefix="genimg-metrics-")
-        metrics.prepare_multiproc_dir(mdir)
+        try:
+            mdir = s.metrics_dir or tempfile.mkdtemp(prefix="genimg-metrics-")
+            metrics.prepare_multiproc_dir(mdir)
+        except OSError as e:
+            typer.echo(f"genimg worker: refusing to start: invalid GENIMG_METRICS_DIR={s.metrics_dir!r}: allowed "
+                       f"a directory this user can create and empty ({e.strerror})", err=True)
+            raise typer.Exit(2) from None
         from genimg.metrics_server import start_metrics_server
 
-        start_metrics_server(s.metrics_port)
+        try:
+            start_metrics_server(s.metrics_port)
+        except OSError as e:
+            typer.echo(f"genimg worker: cannot serve /metrics on GENIMG_METRICS_PORT={s.metrics_port}: "
+                       f"{e.strerror}", err=True)
+            raise typer.Exit(3) from None
     from workers.app import app
 
     name = hostname or f"genimg@{socket.gethostname()}-{os.getpid()}"

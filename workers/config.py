@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from genimg.errors import ConfigError
+from genimg.settings import RedisUrl
 
 
 class WorkerSettings(BaseSettings):
@@ -18,7 +19,7 @@ class WorkerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="GENIMG_", frozen=True, extra="ignore")
 
-    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_url: RedisUrl = SecretStr("redis://127.0.0.1:6379/0")
     """Broker and result backend; ``rediss://`` for TLS; a password in the URL is never logged."""
     queue: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     key_prefix: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
@@ -28,7 +29,12 @@ class WorkerSettings(BaseSettings):
     retry_backoff_base_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: int = Field(default=60, gt=0)
     """Largest retry countdown; must stay below the visibility timeout."""
-    max_retries: int = Field(default=5, ge=0)
+    retry_budget_s: float = Field(default=600.0, ge=0)
+    """How long a shard keeps retrying retryable faults, from its first one, before it is failed
+    (``retries_exhausted``). Time, not a count: it must outlast a Triton restart that reloads models."""
+    triton_check_interval_s: float = Field(default=2.0, gt=0, le=60)
+    """How often the worker's main process asks Triton whether the models it needs are ready; it takes
+    shards only while they are (:mod:`workers.gate`)."""
     unacked_restore_interval_s: int = Field(default=5, gt=0)
     """How often kombu sweeps for messages past their visibility timeout."""
     concurrency: int = Field(default=1, gt=0)
@@ -65,6 +71,18 @@ def check_timing(s: WorkerSettings) -> None:
             f"GENIMG_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must exceed "
             f"GENIMG_RETRY_BACKOFF_MAX_S ({s.retry_backoff_max_s}): a shard waiting on its retry "
             "countdown would be redelivered (case C1)")
+
+
+def stranded_after_s(s: WorkerSettings) -> float:
+    """Seconds a shard must be missing from every queue structure before the reconciler re-enqueues it.
+
+    ``visibility_timeout_s + retry_backoff_max_s``: a run of a shard whose
+    message Redis no longer holds ends within the hard time limit (< the
+    visibility timeout, :func:`check_timing`) after a retry countdown of at
+    most ``retry_backoff_max_s``; so once a shard has been missing that long,
+    no worker can still be running it (docs/operations.md, "The reconciler").
+    """
+    return float(s.visibility_timeout_s + s.retry_backoff_max_s)
 
 
 def verified_tls_url(url: str) -> str:

@@ -31,11 +31,12 @@ the event's threshold (a condition, not a timer):
 * ``s3_faults``: for ``duration_s`` seconds the proxy answers a share of S3
   requests with ``503 SlowDown`` and resets the connection of another share.
 
-Operator actions (the only ones, and the same as docs/operations.md): the
-driver calls :meth:`producer.job.Job.resume` when the job has *finished with
-failed shards* (retries exhausted during an outage), or when it is unfinished
-while its queue has held nothing, neither waiting nor unacknowledged, for
-:data:`STALL_S` seconds. Each resume is recorded in the report.
+No operator: the driver never resumes. A ``genimg reconcile`` process (two
+replicas, one holding the lease) re-enqueues shards whose messages were lost;
+the run fails if the job finishes with a failed shard, or stays unfinished with
+nothing queued or unacknowledged for longer than :func:`stall_limit_s` (the
+reconciler's bound plus a margin): "not healed". The report lists every shard
+the reconciler re-enqueued and how long it stayed stranded.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ import io
 import json
 import os
 import random
+import re
 import signal
+import subprocess
+import sys
 import tarfile
 import time
+from datetime import datetime
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +71,7 @@ from producer import Client
 from tests.fixtures.faultproxy import FaultProxy, RecordedRequest
 from tests.fixtures.redisserver import RedisServer
 from tests.fixtures.s3 import storage_settings_for
+from tests.fixtures.tcpforward import TcpForwarder  # noqa: F401 - re-exported for tests/chaos/test_chaos.py
 from tests.fixtures.workers import Stack, WorkerProc, wait_for
 
 WORKER_ENV: dict[str, str] = {
@@ -75,29 +81,38 @@ WORKER_ENV: dict[str, str] = {
     "GENIMG_TASK_SOFT_TIME_LIMIT_S": "15",
     "GENIMG_RETRY_BACKOFF_BASE_S": "0.5",
     "GENIMG_RETRY_BACKOFF_MAX_S": "8",
-    "GENIMG_MAX_RETRIES": "30",
+    "GENIMG_RETRY_BUDGET_S": "600",
     "GENIMG_UNACKED_RESTORE_INTERVAL_S": "5",
     "GENIMG_TRITON_TIMEOUT_S": "10",
     "GENIMG_TRITON_READY_TIMEOUT_S": "10",
+    "GENIMG_TRITON_CHECK_INTERVAL_S": "1",
     "GENIMG_S3_MAX_ATTEMPTS": "5",
     "GENIMG_S3_CONNECT_TIMEOUT_S": "5",
     "GENIMG_S3_READ_TIMEOUT_S": "20",
     # Every shard tar goes up as a multipart upload, so a worker killed mid-upload
     # can leave an unfinished one behind: the run checks that none remains.
     "GENIMG_S3_MULTIPART_THRESHOLD_BYTES": str(16 * 1024),
+    # The reconciler: a pass every 2 s; a shard missing for 30 + 8 s is re-enqueued.
+    "GENIMG_RECONCILE_INTERVAL_S": "2",
+    "GENIMG_RECONCILE_LEASE_S": "10",
 }
-"""Worker settings of the chaos run: visibility timeout 30 s > hard limit 20 s > soft 15 s
-(redelivery after a killed main process within ~35 s), retries enough to outlast a
-Triton restart (countdowns ≤ 8 s, 30 retries), and multipart uploads for every tar."""
+"""Worker (and reconciler) settings of the chaos run: visibility timeout 30 s > hard limit 20 s > soft 15 s
+(redelivery after a killed main process within ~35 s), a 10-minute retry budget that outlasts a Triton
+restart (countdowns <= 8 s), and multipart uploads for every tar."""
 
-STALL_S = 20.0
-"""The job unfinished and its queue empty (nothing waiting, nothing unacknowledged) for this long: resume.
+RECONCILERS = 2
+"""``genimg reconcile`` replicas of the chaos run (one holds the lease and acts)."""
 
-With acks late a shard stays unacknowledged in Redis while it runs and until
-the visibility timeout hands back a dead worker's shard, so an empty backlog
-means no message is left that could finish the job: one was lost (kombu's
-Redis transport pops a message before it records it as unacknowledged, so a
-worker killed in between loses it)."""
+
+def stall_limit_s(env: dict[str, str]) -> float:
+    """Longest the job may stay unfinished with nothing queued or unacknowledged before the run fails.
+
+    The reconciler's bound (visibility timeout + largest retry countdown), two
+    passes, and 30 s of margin for a Redis restart in between.
+    """
+    bound = float(env["GENIMG_VISIBILITY_TIMEOUT_S"]) + float(env["GENIMG_RETRY_BACKOFF_MAX_S"])
+    return bound + 2 * float(env["GENIMG_RECONCILE_INTERVAL_S"]) + 30.0
+
 
 POLL_S = 0.25
 """Poll interval of the driver's loop (a polling period; every wait has a condition and a deadline)."""
@@ -170,6 +185,7 @@ class ChaosStack:
     moto_endpoint: str
     bucket: str
     stacks: list[Stack] = field(default_factory=list)
+    reconcilers: list[subprocess.Popen] = field(default_factory=list)
 
     def worker_stack(self, name: str, **env: str) -> Stack:
         """A :class:`Stack` (key prefix and queue ``genimg-chaos-{name}``) whose workers use the proxy."""
@@ -201,6 +217,17 @@ class ChaosStack:
     def store(self) -> S3Store:
         """The bucket through moto directly (for checks)."""
         return S3Store(storage_settings_for(self.moto_endpoint, s3_max_attempts=5), self.bucket)
+
+    def start_reconcilers(self, st: Stack, n: int) -> list[subprocess.Popen]:
+        """``n`` replicas of ``genimg reconcile`` on ``st``'s queue and key prefix; logs ``reconcile{i}.log``."""
+        procs = []
+        for i in range(n):
+            env = {**os.environ, **st.env, "GENIMG_RECONCILE_PORT": "0"}
+            with open(st.tmp / f"reconcile{i}.log", "ab") as log:
+                procs.append(subprocess.Popen([sys.executable, "-m", "producer.cli", "reconcile"], env=env,
+                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self.reconcilers.extend(procs)
+        return procs
 
     def start_workers(self, st: Stack, n: int) -> list[WorkerProc]:
         workers = [st.start_worker() for _ in range(n)]
@@ -234,7 +261,14 @@ class ChaosStack:
         return time.monotonic() - t0
 
     def stop(self) -> None:
-        """Stop every worker (SIGTERM, then SIGKILL of its process group, orphans included)."""
+        """Stop every reconciler and worker (SIGTERM, then SIGKILL of its process group, orphans included)."""
+        for proc in self.reconcilers:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for st in self.stacks:
             with contextlib.suppress(Exception):
                 st.stop_all()
@@ -261,14 +295,31 @@ class InjectedFault:
 
 
 @dataclass
-class OperatorAction:
-    """A resume the driver did as an operator would (see the module docstring)."""
+class Heal:
+    """A shard the reconciler re-enqueued (read from its log)."""
 
     t_s: float
-    reason: str
-    shards_enqueued: int
-    shards: list[int] = field(default_factory=list)
-    """The shards that were neither done nor failed then."""
+    """Seconds since the chaos job was enqueued."""
+    shard: int
+    stranded_s: float
+    """How long it had been stranded, as the reconciler measured it (from the first pass that saw it missing)."""
+    replica: str
+
+
+_HEAL_LINE = re.compile(r"^(\S+ \S+) WARNING workers\.reconcile re-enqueued stranded shard job=(\w+) "
+                        r"shard=(\d+) stranded_s=([\d.]+)", re.M)
+
+
+def read_heals(st: Stack, job_id: str, t0_wall: float) -> list[Heal]:
+    """Every re-enqueue the reconcilers of ``st`` logged for ``job_id``, in time order."""
+    heals = []
+    for path in sorted(st.tmp.glob("reconcile*.log")):
+        for stamp, job, shard, stranded in _HEAL_LINE.findall(path.read_text(errors="replace")):
+            if job != job_id:
+                continue
+            at = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            heals.append(Heal(round(at - t0_wall, 2), int(shard), float(stranded), path.stem))
+    return sorted(heals, key=lambda h: h.t_s)
 
 
 class ChaosDriver:
@@ -282,11 +333,14 @@ class ChaosDriver:
         self.keys = Keys(st.env["GENIMG_KEY_PREFIX"])
         self.queue = st.env["GENIMG_QUEUE"]
         self.injected: list[InjectedFault] = []
-        self.actions: list[OperatorAction] = []
+        self.stalls: list[dict[str, Any]] = []
+        """Periods with the job unfinished and nothing queued or unacknowledged (healed by the reconciler)."""
         self.s3_rng = random.Random(seed * 7919 + 1)
         self._s3_window: tuple[float, InjectedFault, list] | None = None
         self._killed: set[int] = set()
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
+        self.stall_limit_s = stall_limit_s(st.env)
 
     def _r(self) -> redis.Redis:
         return redis.Redis.from_url(self.chaos.redis.url, socket_timeout=3, socket_connect_timeout=2)
@@ -395,13 +449,15 @@ class ChaosDriver:
                                      f"after {self._now():.1f} s; log tail:\n{w.log()[-4000:]}")
 
     def run(self, timeout_s: float) -> float:
-        """Inject every scheduled fault and resume as an operator until the job is finished.
+        """Inject every scheduled fault and watch the job until it has finished; never act as an operator.
 
         Returns:
             Seconds from :attr:`t0` until the job's done-shard count was complete.
 
         Raises:
-            AssertionError: not finished within ``timeout_s``.
+            AssertionError: the job finished with a failed shard, stayed unfinished with nothing queued or
+                unacknowledged for longer than :attr:`stall_limit_s` (the reconciler did not heal it), or
+                was not finished within ``timeout_s``.
         """
         deadline = self.t0 + timeout_s
         empty_since: float | None = None
@@ -415,38 +471,53 @@ class ChaosDriver:
                 empty_since = None
                 continue
             if c is not None and c.finished:
-                if c.state == "succeeded":
-                    self._close_s3_window(force=True)
-                    return time.monotonic() - self.t0
-                self._resume(f"job finished with {c.shards_failed} failed shards "
-                             f"({c.items_failed} failed items)")
-            elif c is not None and self._backlog_total() == 0:
-                empty_since = empty_since or time.monotonic()
-                if time.monotonic() - empty_since > STALL_S:
-                    self._resume(f"unfinished at {c.shards_done}/{c.num_shards} shards with nothing queued "
-                                 f"or unacknowledged for {STALL_S:g} s")
-                    empty_since = None
-            else:
+                if c.state != "succeeded":
+                    raise AssertionError(f"chaos job finished {c.state} with {c.shards_failed} failed shards "
+                                         f"after {self._now():.1f} s: {self._failures()}")
+                self._close_s3_window(force=True)
+                self._end_stall(None)
+                return time.monotonic() - self.t0
+            if c is not None and self._backlog_total() == 0:
+                if empty_since is None:
+                    empty_since = time.monotonic()
+                    self.stalls.append({"from_t_s": self._now(), "shards_done": c.shards_done})
+                    self._log(f"t={self._now():7.1f}s unfinished at {c.shards_done}/{c.num_shards} with nothing "
+                              "queued or unacknowledged: waiting for the reconciler")
+                if time.monotonic() - empty_since > self.stall_limit_s:
+                    raise AssertionError(f"chaos job stranded: unfinished at {c.shards_done}/{c.num_shards} with "
+                                         f"nothing queued for {self.stall_limit_s:g} s; the reconciler did not heal "
+                                         f"it (open shards {self._open_shards()})")
+            elif empty_since is not None:
                 empty_since = None
+                self._end_stall(c)
             if time.monotonic() > deadline:
                 raise AssertionError(f"chaos job not finished after {timeout_s:g} s: {c}")
             time.sleep(POLL_S)
 
-    def _resume(self, reason: str) -> None:
-        failed: dict[str, str] = {}
-        open_shards: list[int] = []
+    def _end_stall(self, c: jobs.JobCounts | None) -> None:
+        if self.stalls and "to_t_s" not in self.stalls[-1]:
+            self.stalls[-1]["to_t_s"] = self._now()
+            self.stalls[-1]["seconds"] = round(self._now() - self.stalls[-1]["from_t_s"], 2)
+
+    def _failures(self) -> dict[str, str]:
         r = self._r()
-        with contextlib.suppress(Exception):
-            failed = {k.decode(): v.decode()[:200] for k, v in r.hgetall(self.keys.job(self.job_id, "failed")).items()}
+        try:
+            return {k.decode(): v.decode()[:200] for k, v in r.hgetall(self.keys.job(self.job_id, "failed")).items()}
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return {}
+        finally:
+            r.close()
+
+    def _open_shards(self) -> list[int]:
+        r = self._r()
+        try:
             done = {int(k) for k in r.hkeys(self.keys.job(self.job_id, "done"))}
-            open_shards = [s for s in range(self.spec.shard_plan().num_shards) if s not in done and str(s) not in failed]
-        r.close()
-        n = self.client.job(self.job_id, output=self.spec.output).resume()
-        self.actions.append(OperatorAction(self._now(), reason, n, open_shards))
-        self._log(f"t={self._now():7.1f}s operator resume: {reason}; {n} shards re-enqueued (open: {open_shards}); "
-                  f"failed: {failed}")
-
-
+            failed = {int(k) for k in r.hkeys(self.keys.job(self.job_id, "failed"))}
+            return [s for s in range(self.spec.shard_plan().num_shards) if s not in done | failed]
+        except Exception:  # noqa: BLE001 - diagnostics only
+            return []
+        finally:
+            r.close()
 
 
 # --------------------------------------------------------------------------- the two runs
@@ -469,8 +540,9 @@ def run_undisturbed(chaos: ChaosStack, st: Stack, *, count: int, seed: int, shar
 def start_chaos_copy(chaos: ChaosStack, client: Client, spec: JobSpec) -> JobSpec:
     """The same job (same id and spec) under ``s3://bucket/chaos``: its ``job.json`` stored, its shards enqueued.
 
-    This is how an operator reruns a stored job elsewhere: put its spec, then
-    ``resume`` (every shard is uncommitted there, so every shard is enqueued).
+    This is how a stored job is rerun elsewhere: put its spec, then ``resume``
+    (every shard is uncommitted there, so every shard is enqueued). It starts
+    the run; it is not an operator's recovery.
     """
     data = json.loads(spec.to_json())
     data["output"] = f"s3://{chaos.bucket}/chaos"
@@ -591,69 +663,3 @@ def write_report(report: dict[str, Any]) -> str:
 
 def as_dicts(items: list) -> list[dict[str, Any]]:
     return [asdict(x) for x in items]
-
-
-
-class TcpForwarder:
-    """Forward TCP connections from ``127.0.0.1:port`` to ``upstream`` (``host:port``), byte for byte.
-
-    Nothing listens on the port until :meth:`start`, so clients first get
-    "connection refused", as from a server that is down.
-    """
-
-    def __init__(self, port: int, upstream: str) -> None:
-        import socket
-        import threading
-
-        self.port = port
-        host, _, up_port = upstream.rpartition(":")
-        self.upstream = (host or "127.0.0.1", int(up_port))
-        self._socket_mod, self._threading = socket, threading
-        self._server: Any = None
-        self._stop = threading.Event()
-
-    def start(self) -> TcpForwarder:
-        socket = self._socket_mod
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind(("127.0.0.1", self.port))
-        srv.listen(64)
-        srv.settimeout(0.2)
-        self._server = srv
-        self._threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._server.accept()
-            except OSError:
-                continue
-            try:
-                upstream = self._socket_mod.create_connection(self.upstream, timeout=10)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            client.settimeout(None)
-            for a, b in ((client, upstream), (upstream, client)):
-                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: Any, dst: Any) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(1)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.close()

@@ -1,7 +1,8 @@
 """Chaos: a job survives killed workers, a Redis and a Triton restart and S3 faults, and loses nothing.
 
-See :mod:`tests.chaos.driver` for the stack, the schedule and the operator's
-(documented) resume. Replay a run with its seed::
+See :mod:`tests.chaos.driver` for the stack and the schedule. Nobody acts as
+an operator: two ``genimg reconcile`` replicas heal lost shard messages, and the
+run fails if a job is left stranded. Replay a run with its seed::
 
     GENIMG_CHAOS_SEED=2 .venv/bin/python -m pytest -m soak tests/chaos -s
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from genimg.queue import Keys
 from genimg.shards import Layout
 from genimg.triton.server import TritonServer
 from tests.chaos.driver import (
+    RECONCILERS,
     ChaosDriver,
     ChaosStack,
     TcpForwarder,
@@ -44,6 +47,7 @@ from tests.chaos.driver import (
     check_output,
     make_schedule,
     prometheus_totals,
+    read_heals,
     read_manifest,
     run_undisturbed,
     start_chaos_copy,
@@ -107,6 +111,7 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
 
     st = chaos.worker_stack("chaos")
     chaos.start_workers(st, WORKERS)
+    chaos.start_reconcilers(st, RECONCILERS)
     schedule = make_schedule(seed, num_shards, kill_pairs=kill_pairs)
     print(f"[chaos] seed {seed}: schedule (replay with GENIMG_CHAOS_SEED={seed}):", flush=True)
     for ev in schedule:
@@ -117,7 +122,7 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
         spec = start_chaos_copy(chaos, client, reference)  # t0 of the driver: just before the enqueue
         driver.spec = spec
         wall_chaos = driver.run(timeout_s=timeout_s)
-        # The operator's last step: wait for the job (it finalises the manifest if no worker did).
+        # Wait for the job's summary (the last worker, or the reconciler, finalises it; wait() would too).
         status = client.job(spec.job_id, output=spec.output).wait(progress=False, timeout_s=300, poll_s=0.5)
         assert status.state == "succeeded", status
         store = chaos.store()
@@ -152,6 +157,9 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
 
     kinds = [f.kind for f in driver.injected]
     assert sorted(kinds) == sorted(ev.kind for ev in schedule), f"faults not all injected: {kinds}"
+    heals = read_heals(st, spec.job_id, driver.t0_wall)
+    for p in chaos.reconcilers:
+        assert p.poll() is None, f"a reconciler exited with {p.returncode}"
     report = {
         "seed": seed,
         "job": {"job_id": spec.job_id, "items": count, "shards": num_shards, "shard_size": shard_size,
@@ -160,7 +168,15 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
                     "settings": {k: v for k, v in st.env.items() if k.startswith("GENIMG_") and "URL" not in k}},
         "schedule": as_dicts(schedule),
         "faults_injected": as_dicts(driver.injected),
-        "operator_actions": as_dicts(driver.actions),
+        "operator_actions": [],
+        "reconciler": {
+            "replicas": RECONCILERS,
+            "stranded_after_s": (float(st.env["GENIMG_VISIBILITY_TIMEOUT_S"])
+                                 + float(st.env["GENIMG_RETRY_BACKOFF_MAX_S"])),
+            "shards_healed": len(heals), "heals": as_dicts(heals),
+            "stranded_s": [h.stranded_s for h in heals],
+            "stalls_with_empty_backlog": driver.stalls,
+        },
         "undisturbed_wall_s": round(wall_ref, 2),
         "chaos_wall_s": round(wall_chaos, 2),
         "time_lost_s": round(wall_chaos - wall_ref, 2),
@@ -174,23 +190,28 @@ def run_chaos(chaos: ChaosStack, *, seed: int, count: int, shard_size: int, kill
 
 
 @pytest.mark.slow
-def test_a_shard_that_starts_while_triton_is_unreachable_is_retried_until_it_answers_not_lost(
+def test_a_worker_takes_no_shard_while_triton_is_unreachable_and_runs_them_once_it_answers(
         stack, triton_server, s3_bucket):
-    """Found by the chaos run's design review: a pool child builds its Triton client on its first shard;
-    if Triton is down then, the shard must be retried (before the fix the error escaped the task, Celery
-    acknowledged it as a failure and the shard was lost: the job never finished)."""
+    """Found by the chaos run's design review: a pool child met a dead Triton on its first shard and the error
+    escaped the task, so Celery acknowledged it as a failure and the job never finished. Now the worker does
+    not take a shard until Triton reports its models ready (workers/gate.py), so the shards wait in the queue."""
+    from genimg.queue import backlog
     from producer import Client
 
     port = free_port()
     forwarder = TcpForwarder(port, triton_server.urls["grpc"])
-    worker = stack.start_worker(GENIMG_TRITON_URL=f"127.0.0.1:{port}", GENIMG_TRITON_READY_TIMEOUT_S=1)
+    worker = stack.start_worker(GENIMG_TRITON_URL=f"127.0.0.1:{port}", GENIMG_TRITON_READY_TIMEOUT_S=1,
+                                GENIMG_TRITON_CHECK_INTERVAL_S=0.5)
     worker.wait_ready()
     try:
         with Client() as client:
             job = client.submit(count=4, model="noise2img", upscale=False, shard_size=2,
                                 output=f"s3://{s3_bucket}/triton-down")
-            wait_for(lambda: worker.log().count("not ready within") >= 2, 120,
-                     "both shards to have met the unreachable Triton")
+            wait_for(lambda: "Triton cannot serve" in worker.log(), 60, "the worker's gate to say so")
+            since = time.monotonic()  # six check intervals with the shards in the queue: none is taken
+            wait_for(lambda: time.monotonic() - since >= 3.0, 10, "three seconds of checks")
+            assert backlog(stack.redis, stack.env["GENIMG_QUEUE"]).waiting == 2  # neither shard was taken
+            assert "received" not in worker.log()
             forwarder.start()  # Triton "comes back"
             status = job.wait(progress=False, timeout_s=90)
         assert status.state == "succeeded" and status.items_done == 4, status
