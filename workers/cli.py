@@ -54,9 +54,18 @@ def worker(
                                    "max_tasks_per_child": max_tasks_per_child}.items() if v is not None}
     for k, v in overrides.items():
         os.environ[f"GENIMG_{k.upper()}"] = str(v)
+    from pydantic import ValidationError
+
     from genimg.errors import ConfigError
+    from genimg.settings import TritonSettings
     from workers.config import WorkerSettings, check_timing
 
+    try:  # a Triton setting is otherwise read only by the first shard, long after a rollout looked healthy
+        TritonSettings.from_env()
+    except ValidationError as e:
+        bad = "; ".join(f"GENIMG_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        typer.echo(f"genimg worker: refusing to start: {bad}", err=True)
+        raise typer.Exit(2) from None
     s = WorkerSettings()
     if s.check_timing:
         try:
