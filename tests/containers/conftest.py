@@ -34,13 +34,26 @@ HOST_PORTS = (8000, 8001, 8002, 9101, 9180)
 REPORT: dict[str, Any] = {}
 
 
-def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+def podman(*args: str, timeout: float = 120, check: bool = True, stdin: str | None = None
+           ) -> subprocess.CompletedProcess[str]:
     """Run ``podman ARGS`` (with this project's CONTAINERS_CONF); raise on failure if ``check``."""
     out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, check=False,
-                         env={**os.environ, "CONTAINERS_CONF": containers_conf()})
+                         input=stdin, env={**os.environ, "CONTAINERS_CONF": containers_conf()})
     if check and out.returncode != 0:
         raise AssertionError(f"podman {' '.join(args[:3])} ... exited {out.returncode}: {out.stderr[-3000:]}")
     return out
+
+
+LOG_DIR = ROOT / "demo-out" / "deploy-check-logs"
+
+
+def save_logs(*names: str) -> None:
+    """Keep each container's output in demo-out/deploy-check-logs/NAME.log (before it is removed)."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        out = podman("logs", name, check=False)
+        if out.returncode == 0:
+            (LOG_DIR / f"{name}.log").write_text(out.stdout + out.stderr)
 
 
 def containers_conf() -> str:

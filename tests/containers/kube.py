@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -121,9 +122,7 @@ def write_secret_volume(vol: dict, secrets: Mapping[str, Mapping[str, str]], des
         path = dest / item["path"]
         path.write_text(data[item["key"]])
         path.chmod(item.get("mode", src.get("defaultMode", 0o644)))
-        if gid is not None:
-            import os
-
+        if gid is not None and os.geteuid() == 0:
             os.chown(path, 0, gid)
     return dest
 
@@ -187,11 +186,41 @@ class Change:
     why: str
 
 
-def secret_json(data: Mapping[str, str]) -> str:
-    """A Secret's data in the form podman 4.3's kube play reads from ``podman secret create``:
-    a JSON object of key -> base64 value (a Secret object in the YAML is stored as YAML instead,
-    which ``secretKeyRef`` then fails to parse)."""
-    return json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+def secret_uses(docs: list[dict]) -> dict[str, set[str]]:
+    """Secret name -> how the Deployments in ``docs`` use it: ``"env"`` (secretKeyRef) and/or ``"volume"``."""
+    uses: dict[str, set[str]] = {}
+    for d in docs:
+        if d["kind"] != "Deployment":
+            continue
+        spec = pod_spec(d)
+        for c in containers(spec):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    uses.setdefault(ref["name"], set()).add("env")
+        for v in spec.get("volumes", []):
+            if "secret" in v:
+                uses.setdefault(v["secret"]["secretName"], set()).add("volume")
+    return uses
+
+
+def podman_secret(name: str, data: Mapping[str, str], uses: set[str]) -> str:
+    """The bytes to ``podman secret create`` so that podman 4.3's kube play reads Secret ``name`` right.
+
+    podman 4.3 reads a secret two ways: ``secretKeyRef`` wants a JSON object of key -> base64
+    value; a ``secret`` volume wants a Secret object and writes its ``data`` values to files
+    *without* base64-decoding them (``stringData`` is ignored). A Secret object in the played
+    YAML is stored as YAML, which ``secretKeyRef`` cannot parse. So each secret is created in
+    the form its one use needs.
+
+    Raises:
+        ValueError: the secret is used both ways (no single form serves both in podman 4.3).
+    """
+    if uses == {"env"}:
+        return json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+    if uses == {"volume"}:
+        return json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": dict(data)})
+    raise ValueError(f"secret {name} is used as {sorted(uses)}; podman 4.3 reads env and volume secrets differently")
 
 
 def _numeric_probe_ports(c: dict) -> None:
@@ -263,6 +292,10 @@ def for_kube_play(objs: list[dict], deployments: list[str], images: Mapping[str,
                     note(f"containers[].{key} $(VAR)", "podman passes $(VAR) through literally: expanded "
                          "beforehand as the kubelet would (POD_NAME = the pod name podman gives)")
         sc = spec.get("securityContext", {})
+        if any("secret" in v for v in spec.get("volumes", [])) or any(
+                "secretKeyRef" in e.get("valueFrom", {}) for c in spec["containers"] for e in c.get("env", [])):
+            note("Secret objects", "podman 4.3 stores a Secret played from YAML in a form secretKeyRef cannot "
+                 "parse: created with `podman secret create` instead, in the form each use reads (podman_secret)")
         for v in spec.get("volumes", []):
             if "secret" in v and "optional" not in v["secret"]:
                 v["secret"]["optional"] = False

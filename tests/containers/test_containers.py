@@ -22,7 +22,7 @@ from genimg.shards import Layout, committed_shards, read_shard_index, verify_man
 from genimg.storage import sha256_hex
 from producer import Client
 from tests.containers import kube
-from tests.containers.conftest import ENABLED, IMAGES, REPORT, ROOT, SKIP_REASON, BUCKET, podman
+from tests.containers.conftest import ENABLED, IMAGES, REPORT, ROOT, SKIP_REASON, BUCKET, podman, save_logs
 from tests.fixtures.prometheus import scrape
 from tests.fixtures.workers import wait_for
 from tests.test_deploy import rendered
@@ -90,6 +90,7 @@ def stack(objs, worker_pod, services, tmp_path_factory):
              or _exited("genimg-check-worker"), 120, "the worker's readiness probe")
     assert not _exited("genimg-check-worker"), podman("logs", "genimg-check-worker").stderr[-3000:]
     yield {"triton": triton, "worker": worker}
+    save_logs(*names)
     podman("rm", "-f", "-t", "5", *names, check=False)
 
 
