@@ -173,6 +173,13 @@ def test_the_worker_check_and_every_probe_pass_inside_the_running_pod(stack):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         port, path = http_port(stack["triton"], probe)
         assert http_ok(f"http://127.0.0.1:{port}{path}"), f"Triton's {probe} {path} fails"
+    port, _ = http_port(stack["triton"], "readinessProbe")
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v2/repository/index", data=b"{}", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        index = {m["name"]: m.get("state") for m in json.loads(r.read())}
+    host = {p.parent.name for p in (ROOT / ".cache/genimg/model_repository").glob("*/config.pbtxt")}
+    assert index == dict.fromkeys(host, "READY"), f"served {index}, the cpu repository has {sorted(host)}"
+    REPORT["triton-cpu serves (READY)"] = len(index)
 
 
 def test_worker_and_triton_metrics_count_the_job(stack, objs):
