@@ -29,6 +29,7 @@ if [[ -n "${GENIMG_PYTHON_IMAGE:-}" ]]; then
 fi
 if here "$official"; then echo "$official"; exit 0; fi
 if here "$local_base"; then echo "$local_base"; exit 0; fi
+mkdir -p "$root/.cache/genimg"
 if timeout "$pull_timeout_s" podman pull -q "$official" >/dev/null 2>"$root/.cache/genimg/pull.err"; then
     echo "$official"; exit 0
 fi

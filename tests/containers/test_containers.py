@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from genimg.imaging import decode
-from genimg.shards import Layout, committed_shards, read_shard_index, verify_manifest
+from genimg.shards import committed_shards, read_shard_index, verify_manifest
 from genimg.storage import sha256_hex
 from producer import Client
 from tests.containers import kube
