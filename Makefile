@@ -6,7 +6,7 @@ EXTRAS ?= serve,train,local,test
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast soak chaos bench eval clean
+.PHONY: venv demo test test-fast soak chaos bench eval clean images deploy-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,21 @@ chaos: venv
 BENCH_ARGS ?=
 bench: venv
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# Container images (issue 17, deploy/README.md "Images"): genimg/worker:$(IMAGE_TAG) and
+# genimg/triton-cpu:$(IMAGE_TAG) with podman, installed from Debian if missing; the base is the official
+# python image when it can be pulled, else Debian's Python from debootstrap. The cpu model repository is
+# rebuilt first (seconds; identical bytes while the models are unchanged) and copied into triton-cpu whole.
+# Warm runs reuse every cached layer.
+IMAGE_TAG ?= dev
+images: venv
+	$(VENV)/bin/genimg models build-repo --flavor cpu --out $(REPO)
+	GENIMG_IMAGE_TAG=$(IMAGE_TAG) bash scripts/build-images.sh
+
+# The images run as the cpu-dev manifests say (podman run, then podman kube play), a real job through them;
+# prints items, images/s, image sizes, exit codes and what kube play ignored (demo-out/deploy-check.json).
+deploy-check: images
+	GENIMG_IMAGE_TAG=$(IMAGE_TAG) PY=$(PY) bash scripts/deploy-check.sh
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache

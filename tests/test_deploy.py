@@ -12,6 +12,8 @@
   resources and security contexts, exec-form entrypoints.
 - The compose file is checked against the compose-spec schema, and with ``docker compose
   config`` where a compose CLI is installed.
+- tests/test_container_files.py: the Dockerfiles and the compose file as container tools read
+  them; building and running the images is ``make deploy-check`` (tests/containers/).
 """
 
 from __future__ import annotations
@@ -598,7 +600,9 @@ def test_triton_tensorrt_image_matches_the_triton_release_of_the_cpu_flavour():
     assert re.search(r"^exec tritonserver", entry, re.M)
 
 
-SHELL_SCRIPTS = sorted((DEPLOY / "docker").glob("*.sh")) + [ROOT / "scripts" / "ensure-kustomize.sh"]
+SHELL_SCRIPTS = sorted((DEPLOY / "docker").glob("*.sh")) + [
+    ROOT / "scripts" / name for name in ("ensure-kustomize.sh", "ensure-podman.sh", "ensure-python-base.sh",
+                                         "build-images.sh", "deploy-check.sh")] + [ROOT / ".ci" / "run"]
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)

@@ -99,6 +99,12 @@ def test_worker_refuses_to_start_unless_visibility_timeout_exceeds_hard_limit_an
     assert culprit in proc.stderr
 
 
+def test_worker_refuses_to_start_on_an_invalid_triton_protocol():
+    proc = _refusal({"GENIMG_TRITON_PROTOCOL": "carrier-pigeon"})
+    assert proc.returncode == 2, proc.stderr
+    assert "refusing to start" in proc.stderr and "GENIMG_TRITON_PROTOCOL" in proc.stderr
+
+
 C1_ITEMS = 600
 """~4-7 s: well over the 1 s visibility timeout plus a 1 s restore sweep, so both workers generate it."""
 

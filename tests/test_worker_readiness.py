@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 INVALID_SETTINGS = [
     ("GENIMG_TRITON_PROTOCOL", "grpcs"),
+    ("GENIMG_PROFILES_DIR", "/nonexistent/profiles"),
     ("GENIMG_S3_ADDRESSING_STYLE", "subdomain"),
     ("GENIMG_S3_RETRY_MODE", "legacy"),
     ("GENIMG_CONCURRENCY", "0"),

@@ -32,6 +32,7 @@ def validate_settings() -> object:
     Raises:
         ConfigError: one line naming the first invalid variable and the allowed values.
     """
+    from genimg.errors import ConfigError
     from genimg.settings import (
         SpecSettings,
         StorageSettings,
@@ -50,6 +51,17 @@ def validate_settings() -> object:
     TritonSettings.checked()
     check_storage(StorageSettings.checked())
     check_spec_settings(SpecSettings.checked())
+    from genimg.errors import ValidationError
+    from genimg.profiles import load_profiles
+
+    try:
+        profiles = load_profiles()
+    except ValidationError as e:
+        raise ConfigError(f"invalid GENIMG_PROFILES_DIR: {str(e).removeprefix('profiles_dir: ')}; allowed: a "
+                          "directory of *.toml model profiles") from None
+    if not profiles.profiles:
+        raise ConfigError(f"invalid GENIMG_PROFILES_DIR={str(profiles.directory)!r}: no valid profile in it "
+                          f"(broken: {', '.join(profiles.errors) or 'none'}); allowed: a directory of *.toml profiles")
     return s
 
 

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # genimg Triton image, tensorrt flavour, for GPU nodes.
 #
 # NGC Triton 24.10 = Triton Inference Server 2.51.0 (the release the nvidia-pytriton 0.7.0
@@ -55,9 +54,10 @@ RUN python3 -m venv /opt/genimg \
  && /opt/genimg/bin/python -c "import importlib.util as u, sys; sys.exit('no torch here' if u.find_spec('torch') else 0)" \
  && rm -rf /src
 COPY --from=export /out/onnx /opt/genimg/onnx
-COPY --chmod=0555 deploy/docker/triton-tensorrt-entrypoint.sh /opt/genimg/bin/genimg-triton-entrypoint
+COPY deploy/docker/triton-tensorrt-entrypoint.sh /opt/genimg/bin/genimg-triton-entrypoint
 RUN groupadd --system --gid 10001 genimg \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin genimg
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin genimg \
+ && chmod 0555 /opt/genimg/bin/genimg-triton-entrypoint
 ENV HOME=/tmp \
     HF_HUB_OFFLINE=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1
 # genimg worker image: the Celery worker (`genimg worker`) and the backlog exporter
 # (`genimg exporter`). Core dependencies only: no torch, no ONNX Runtime, no Triton server.
 #
 # Build from the repository root (the .dockerignore there keeps the context small):
-#   docker build -f deploy/docker/worker.Dockerfile -t genimg/worker:0.1.0 .
+#   podman build -f deploy/docker/worker.Dockerfile -t genimg/worker:0.1.0 .     (or docker build)
+# PYTHON_IMAGE: the official python image, or Debian's python3 (scripts/ensure-python-base.sh).
+# No `# syntax=` line and no BuildKit-only flags (`COPY --chmod`): Docker's legacy builder,
+# BuildKit, podman and buildah all build it without reaching a registry for a frontend.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
@@ -28,10 +30,11 @@ RUN /opt/genimg/bin/python -c "import importlib.util as u, sys; bad = [m for m i
  && /opt/genimg/bin/genimg exporter --help > /dev/null
 
 FROM ${PYTHON_IMAGE}
-RUN groupadd --system --gid 10001 genimg \
- && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin genimg
 COPY --from=build /opt/genimg /opt/genimg
-COPY --chmod=0555 deploy/docker/worker-prestop.sh /opt/genimg/bin/genimg-prestop
+COPY deploy/docker/worker-prestop.sh /opt/genimg/bin/genimg-prestop
+RUN groupadd --system --gid 10001 genimg \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin genimg \
+ && chmod 0555 /opt/genimg/bin/genimg-prestop
 ENV PATH=/opt/genimg/bin:$PATH \
     HOME=/tmp \
     PYTHONUNBUFFERED=1 \
