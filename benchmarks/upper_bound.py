@@ -9,7 +9,9 @@ upscaler and verifier, or faces → ESRGAN) with ONNX Runtime — the same ONNX 
 :func:`genimg.models.fetch.fetch_model`) and the same session options as Triton's
 Python-backend models — and every image is read as genimg reads it
 (:func:`~genimg.profiles.tensors.read_images`), encoded with :func:`genimg.imaging.encode`
-(the bytes genimg stores) and written to ``--out-dir/NNNNNNNN.png``. Items are
+(the bytes genimg stores) and written as one tar per batch (:func:`genimg.shards.write_tar`)
+to ``--out-dir/NNNNNNNN.tar`` (a file per image cost 0.7-1.0 ms of CPU per image here,
+more than genimg's whole storage path: a bound must not pay it). Items are
 cut into batches of ``--batch``; ``--threads`` threads each take a batch (ONNX
 Runtime and zlib release the GIL). Sessions are created before the clock starts.
 
@@ -178,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     from genimg.profiles import load_profiles
     from genimg.profiles.tensors import build_inputs, read_images
     from genimg.seeds import item_seeds
+    from genimg.shards import write_tar
 
     profiles = load_profiles()
     profile = profiles.get(args.profile)
@@ -208,9 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         t1, c4 = time.perf_counter(), time.thread_time()
         pngs = [imaging.encode(img, "png") for img in images]
         t2, c5 = time.perf_counter(), time.thread_time()
-        if write:
-            for i, data in zip(idx, pngs):
-                (out / f"{int(i):08d}.png").write_bytes(data)
+        if write:  # one tar per batch (as genimg writes one per shard and Ray one per batch): no per-file cost
+            tar, _ = write_tar((f"{int(i):08d}.png", data) for i, data in zip(idx, pngs))
+            (out / f"{int(idx[0]):08d}.tar").write_bytes(tar)
         t3, c6 = time.perf_counter(), time.thread_time()
         pipe._add("inputs", c2 - c1)
         pipe._add("read", c4 - c3)
