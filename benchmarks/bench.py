@@ -39,7 +39,7 @@ it, and a Markdown table (``.md``) for ``benchmarks/README.md``.
 
 Usage::
 
-    python benchmarks/bench.py                     # full run: ~20 min on 2 cores (+ up to 5 min waiting for load)
+    python benchmarks/bench.py                     # full run: ~15-25 min on 2 cores (+ up to 5 min waiting for load)
     python benchmarks/bench.py --quick --out /tmp/q.json   # smoke test, ~1.5 min
     make bench
 """
