@@ -45,8 +45,8 @@ chaos: venv
 	GENIMG_CHAOS_SEED=$(CHAOS_SEEDS) GENIMG_CHAOS_REPORT='demo-out/chaos-report-{seed}.json' \
 		$(PY) -m pytest -q -s -m soak tests/chaos --basetemp=demo-out/chaos-tmp
 
-# Benchmarks (issue 9, benchmarks/README.md): genimg against the in-process upper bound, naive Celery
-# and Ray Data on the same models, images and CPUs; ~16 min on 2 cores. BENCH_ARGS=--quick for a smoke run.
+# Benchmarks (issues 9, 14, 20; benchmarks/README.md): genimg against the in-process upper bound, naive Celery
+# and Ray Data on the same models, images and CPUs (txt2img and faces_x4); ~15-25 min on 2 cores. BENCH_ARGS=--quick for a smoke run.
 BENCH_ARGS ?=
 bench: venv
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -6,7 +6,8 @@
 * :class:`Sampler`: a thread that reads ``/proc`` (through psutil) every
   ``interval_s`` for a set of process trees, and reports CPU seconds and peak
   RSS per *process kind* (``triton``, ``triton_stub``, ``genimg_worker``, ``s3``,
-  ``redis``, ``ray_worker``, ...).
+  ``redis``, ``ray_worker``, ...), CPU seconds per Triton model (its
+  Python-backend stub processes) and a timeline of CPU use (:func:`idle_split`).
 * :func:`machine`: what the run ran on (CPU model, cores, memory, load).
 """
 
@@ -211,12 +212,27 @@ def kind_of(p: psutil.Process) -> str:
     return name or "other"
 
 
+def stub_model(p: psutil.Process) -> str:
+    """The Triton model a Python-backend stub process serves ("" if ``p`` is not a stub).
+
+    The stub's first argument is ``REPO/MODEL/VERSION/model.py``.
+    """
+    try:
+        args = p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return ""
+    if len(args) < 2 or "triton_python_backend_stub" not in args[0]:
+        return ""
+    return Path(args[1]).parent.parent.name
+
+
 @dataclass
 class _Seen:
     kind: str
     cpu0: float
     cpu: float
     rss_peak: int = 0
+    model: str = ""
 
 
 @dataclass
@@ -230,6 +246,8 @@ class Sampler:
 
     roots: list[int]
     interval_s: float = 0.25
+    timeline: list[tuple[float, float, float]] = field(default_factory=list)
+    """``(time.time(), CPU seconds of every sampled process so far, of the Triton stubs so far)`` per sample."""
     _seen: dict[int, _Seen] = field(default_factory=dict)
     _kind_peak: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -267,13 +285,18 @@ class Sampler:
             with self._lock:
                 s = self._seen.get(p.pid)
                 if s is None:
-                    s = self._seen[p.pid] = _Seen(kind_of(p), cpu if first else 0.0, cpu)
+                    kind = kind_of(p)
+                    s = self._seen[p.pid] = _Seen(kind, cpu if first else 0.0, cpu,
+                                                  model=stub_model(p) if kind == "triton_stub" else "")
                 s.cpu = cpu
                 s.rss_peak = max(s.rss_peak, rss)
                 totals[s.kind] = totals.get(s.kind, 0) + rss
         with self._lock:
             for k, v in totals.items():
                 self._kind_peak[k] = max(self._kind_peak.get(k, 0), v)
+            seen = [x for x in self._seen.values() if x.kind != "gone"]
+            self.timeline.append((time.time(), sum(x.cpu - x.cpu0 for x in seen),
+                                  sum(x.cpu - x.cpu0 for x in seen if x.kind == "triton_stub")))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -292,8 +315,10 @@ class Sampler:
         self.sample()
 
     def report(self) -> dict:
-        """``{"cpu_s": total, "cpu_s_by_kind": {...}, "peak_rss_mib": {kind: {"process": max, "total": max}}}``."""
+        """``{"cpu_s": total, "cpu_s_by_kind": {...}, "cpu_s_by_model": {Triton model: stub CPU s},
+        "peak_rss_mib": {kind: {"process": max, "total": max}}}``."""
         cpu: dict[str, float] = {}
+        by_model: dict[str, float] = {}
         proc_peak: dict[str, int] = {}
         count: dict[str, int] = {}
         with self._lock:
@@ -301,14 +326,65 @@ class Sampler:
                 cpu[s.kind] = cpu.get(s.kind, 0.0) + max(0.0, s.cpu - s.cpu0)
                 proc_peak[s.kind] = max(proc_peak.get(s.kind, 0), s.rss_peak)
                 count[s.kind] = count.get(s.kind, 0) + 1
+                if s.model:
+                    by_model[s.model] = by_model.get(s.model, 0.0) + max(0.0, s.cpu - s.cpu0)
             kinds = sorted(set(cpu) - {"gone"})
             return {
                 "cpu_s": round(sum(cpu[k] for k in kinds), 3),
                 "cpu_s_by_kind": {k: round(cpu[k], 3) for k in kinds},
+                "cpu_s_by_model": {k: round(v, 3) for k, v in sorted(by_model.items())},
                 "peak_rss_mib": {k: {"process": round(proc_peak[k] / 2**20, 1),
                                      "total": round(self._kind_peak.get(k, 0) / 2**20, 1),
                                      "processes": count[k]} for k in kinds},
             }
+
+
+def _cpu_at(timeline: list[tuple[float, float, float]], t: float, col: int) -> float:
+    """Column ``col`` of ``timeline`` at time ``t``, linearly interpolated (clamped at the ends)."""
+    if t <= timeline[0][0]:
+        return timeline[0][col]
+    for a, b in zip(timeline, timeline[1:]):
+        if a[0] <= t <= b[0]:
+            f = (t - a[0]) / (b[0] - a[0]) if b[0] > a[0] else 1.0
+            return a[col] + f * (b[col] - a[col])
+    return timeline[-1][col]
+
+
+def idle_split(timeline: list[tuple[float, float, float]], t0: float, t1: float, n_cpus: int,
+               active_cpus: float = 0.25) -> dict[str, float] | None:
+    """Idle CPU seconds of a run's window ``[t0, t1]`` (epoch seconds), split into fill, middle and drain.
+
+    *Fill* is the time from ``t0`` until the Triton stubs first use more than
+    ``active_cpus`` CPUs (or half their peak, if that is less) between two
+    samples; *drain* the time after they last did. Idle CPU seconds of a phase = ``n_cpus`` x its seconds - CPU seconds the
+    sampled processes used in it. ``None`` when the timeline does not cover the window
+    or the stubs never became active.
+
+    Returns:
+        ``{"fill_s", "drain_s", "idle_fill_cpu_s", "idle_middle_cpu_s", "idle_drain_cpu_s", "used_cpu_s"}``.
+    """
+    tl = [x for x in timeline]
+    if len(tl) < 3 or tl[0][0] > t0 + 0.5 or tl[-1][0] < t1 - 0.5:
+        return None
+    rates = [(b[0], (b[2] - a[2]) / (b[0] - a[0])) for a, b in zip(tl, tl[1:])
+             if b[0] > a[0] and t0 <= b[0] <= t1 + 0.25]
+    peak = max((r for _, r in rates), default=0.0)
+    if peak <= 0:
+        return None
+    active = [t for t, r in rates if r > min(active_cpus, 0.5 * peak)]
+    first = max(t0, active[0] - 0.5 * (tl[1][0] - tl[0][0]))
+    last = min(t1, active[-1])
+
+    def used(a: float, b: float) -> float:
+        return max(0.0, _cpu_at(tl, b, 1) - _cpu_at(tl, a, 1))
+
+    fill, drain = max(0.0, first - t0), max(0.0, t1 - last)
+    idle_fill = max(0.0, n_cpus * fill - used(t0, first))
+    idle_drain = max(0.0, n_cpus * drain - used(last, t1))
+    idle_all = max(0.0, n_cpus * (t1 - t0) - used(t0, t1))
+    return {"fill_s": round(fill, 3), "drain_s": round(drain, 3), "idle_fill_cpu_s": round(idle_fill, 3),
+            "idle_middle_cpu_s": round(max(0.0, idle_all - idle_fill - idle_drain), 3),
+            "idle_drain_cpu_s": round(idle_drain, 3), "used_cpu_s": round(used(t0, t1), 3)}
 
 
 def host_busy_s() -> float:

@@ -1,11 +1,14 @@
-"""Naive Celery baseline: what a user writes first. One task per image, one Triton call, one S3 object.
+"""Naive Celery baseline: what a user writes first. One task per image, two Triton calls, one S3 object.
 
 The app a user would write against the same Triton server and the same S3 API,
 with Celery's defaults (prefetch 4, early ack, a Redis result backend so the
 submitter can wait on the results). Clients are created once per worker
 process (a user who creates them per task is slower still). The item's noise
 and prompt are those of genimg's job (same seed derivation), so the images are
-the same; the PNG is PIL's with the same zlib level as genimg's.
+the same; the PNG is PIL's with the same zlib level as genimg's. A task embeds
+its prompt (``text_encoder``) and then calls ``txt2img`` with the embedding
+(``COND``) and the noise: one task knows nothing of the others, so a prompt
+with several images is embedded once per image.
 
 Worker (from this directory)::
 
@@ -67,9 +70,12 @@ def generate_image(prompt: str, seed: int, index: int, bucket: str, key: str) ->
     t0 = time.perf_counter()
     p = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
     p.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
+    emb = triton().infer("text_encoder", [p], outputs=[grpcclient.InferRequestedOutput("EMBEDDING")])
+    c = grpcclient.InferInput("COND", [1, 384], "FP32")
+    c.set_data_from_numpy(emb.as_numpy("EMBEDDING"))
     z = grpcclient.InferInput("Z", [1, 100], "FP32")
     z.set_data_from_numpy(noise(seed, index)[None])
-    result = triton().infer("txt2img", [p, z], outputs=[grpcclient.InferRequestedOutput("IMAGE")])
+    result = triton().infer("txt2img", [c, z], outputs=[grpcclient.InferRequestedOutput("IMAGE")])
     image = result.as_numpy("IMAGE")[0]
     t1 = time.perf_counter()
     buf = io.BytesIO()

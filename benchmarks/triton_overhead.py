@@ -7,7 +7,9 @@ JSON object::
     {"batches": {"1": {"triton_images_per_s": …, "inprocess_images_per_s": …, "ratio": …}, …}, "setup": {…}}
 
 ``ratio`` = Triton / in-process (1.0 = no overhead). Both sides run the same
-ONNX files with the same ONNX Runtime intra-op thread count; requests are sent
+ONNX files with the same ONNX Runtime intra-op thread count and embed every
+item's prompt (Triton: ``text_encoder``, then ``txt2img`` with the embeddings as
+``COND``; in-process: :meth:`OnnxReference.txt2img`); requests are sent
 one after another by one client (no pipelining across requests), so the ratio
 is the per-request cost of Triton: serialisation, gRPC/HTTP, the Python-backend
 stubs' shared memory, and the ensemble's hops between four model processes.
@@ -100,8 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
                 z = rng.standard_normal((batch, 100))
                 tri, inp = [], []
                 for _ in range(args.rounds):
-                    tri.append(_rate(lambda p=prompts, z=z: client.infer("txt2img", {"PROMPT": p, "Z": z}), batch,
-                                     args.seconds))
+                    tri.append(_rate(lambda p=prompts, z=z: client.infer(
+                        "txt2img", {"COND": client.infer("text_encoder", {"PROMPT": p})["EMBEDDING"], "Z": z}),
+                        batch, args.seconds))
                     inp.append(_rate(lambda p=prompts, z=z: ref.txt2img(p, z), batch, args.seconds))
                 t, i = statistics.median(tri), statistics.median(inp)
                 results[str(batch)] = {"triton_images_per_s": round(t, 1), "inprocess_images_per_s": round(i, 1),

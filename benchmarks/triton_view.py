@@ -4,7 +4,10 @@ What ``perf_analyzer -m txt2img --concurrency-range 1:8`` reports, measured
 with tritonclient because the ``perf-analyzer`` package on this machine's
 index is a placeholder (0.1.0, no binary). ``C`` client threads (one gRPC
 client each) send requests of ``--batch`` items back to back for
-``--seconds``; Triton's ``/metrics`` counters are read before and after, and
+``--seconds``, each as a genimg worker sends it: first ``text_encoder`` on the
+batch's distinct prompts (``ceil(batch / --images-per-prompt)`` of them), then
+``txt2img`` with their embeddings (``COND``, each row repeated for the images of
+its prompt) and the noise ``Z``; Triton's ``/metrics`` counters are read before and after, and
 their deltas give, per model (the ensemble and each composing model), the
 average per request of ``nv_inference_queue_duration_us`` (waiting in the
 dynamic batcher's queue) and of the ``nv_inference_compute_{input,infer,output}_duration_us``
@@ -52,7 +55,7 @@ def scrape(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def level(grpc_url: str, metrics_url: str, concurrency: int, batch: int, seconds: float) -> dict:
+def level(grpc_url: str, metrics_url: str, concurrency: int, batch: int, seconds: float, ipp: int = 1) -> dict:
     import tritonclient.grpc as g
 
     before = scrape(metrics_url)
@@ -63,16 +66,22 @@ def level(grpc_url: str, metrics_url: str, concurrency: int, batch: int, seconds
     def client(k: int) -> None:
         c = g.InferenceServerClient(grpc_url)
         rng = np.random.default_rng(k)
-        p = g.InferInput("PROMPT", [batch, 1], "BYTES")
-        p.set_data_from_numpy(np.array([[PROMPTS[(k + i) % len(PROMPTS)].encode()] for i in range(batch)],
+        n_prompts = -(-batch // ipp)
+        p = g.InferInput("PROMPT", [n_prompts, 1], "BYTES")
+        p.set_data_from_numpy(np.array([[PROMPTS[(k + i) % len(PROMPTS)].encode()] for i in range(n_prompts)],
                                        dtype=np.object_))
         z = g.InferInput("Z", [batch, 100], "FP32")
         z.set_data_from_numpy(rng.standard_normal((batch, 100), dtype=np.float32))
+        emb_out = [g.InferRequestedOutput("EMBEDDING")]
         out = [g.InferRequestedOutput(n) for n in ("IMAGE", "LABEL", "SCORE")]
+        rows = np.arange(batch) // ipp
         try:
             while not stop.is_set():
                 t = time.perf_counter()
-                c.infer("txt2img", [p, z], outputs=out)
+                emb = c.infer("text_encoder", [p], outputs=emb_out).as_numpy("EMBEDDING")
+                cond = g.InferInput("COND", [batch, emb.shape[1]], "FP32")
+                cond.set_data_from_numpy(np.ascontiguousarray(emb[rows]))
+                c.infer("txt2img", [cond, z], outputs=out)
                 latencies[k].append(time.perf_counter() - t)
         except Exception as e:  # noqa: BLE001 - reported in the result
             errors.append(f"{type(e).__name__}: {e}")
@@ -109,7 +118,8 @@ def level(grpc_url: str, metrics_url: str, concurrency: int, batch: int, seconds
             "compute_infer_us_per_request": round(m.get("nv_inference_compute_infer_duration_us", 0.0) / n, 1),
             "request_us_per_request": round(m.get("nv_inference_request_duration_us", 0.0) / n, 1),
         }
-    return {"concurrency": concurrency, "batch": batch, "seconds": round(wall, 3), "requests": requests,
+    return {"concurrency": concurrency, "batch": batch, "images_per_prompt": ipp, "seconds": round(wall, 3),
+            "requests": requests,
             "infer_per_s": round(requests / wall, 2), "images_per_s": round(requests * batch / wall, 2),
             "latency_p50_ms": round(1000 * lat[len(lat) // 2], 2) if lat else None,
             "latency_p95_ms": round(1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))], 2) if lat else None,
@@ -123,8 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", default="1,2,3,4,5,6,7,8")
     ap.add_argument("--batch", default="1", help="comma-separated batch sizes per request")
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--images-per-prompt", type=int, default=4,
+                    help="images per distinct prompt of a request (the text encoder sees ceil(batch / this))")
     args = ap.parse_args(argv)
-    levels = [level(args.grpc, args.metrics, c, b, args.seconds)
+    levels = [level(args.grpc, args.metrics, c, b, args.seconds, args.images_per_prompt)
               for b in (int(x) for x in args.batch.split(",")) for c in (int(x) for x in args.concurrency.split(","))]
     report = {"tool": "tritonclient concurrency sweep + /metrics deltas",
               "why_not_perf_analyzer": "the perf-analyzer package available here is a placeholder (0.1.0) "

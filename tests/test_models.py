@@ -79,12 +79,40 @@ def test_tensorrt_profiles_cover_batch_1_64_256_for_every_engine_input():
         assert [p.name for p in profiles] == list(inputs)
         for p in profiles:
             assert (p.min[0], p.opt[0], p.max[0]) == (1, 64, 256)
-            assert p.min[1:] == p.opt[1:] == p.max[1:] == inputs[p.name]
+            assert (p.min[1:], p.opt[1:], p.max[1:]) == inputs[p.name]
+    assert engines.profiles_for("generator")[0].min == (1, 100)
+    assert [(p.name, p.max) for p in engines.profiles_for("terrain")] == [
+        ("noisy", (256, 1, 128, 128)), ("sigma", (256,)), ("difficulty", (256,))]  # rank-1 inputs: [B]
 
 
-def test_tensorrt_profile_rejects_unordered_batch_sizes():
+def test_tensorrt_profile_rejects_unordered_batch_sizes_and_shapes():
     with pytest.raises(ValueError, match="min <= opt <= max"):
         engines.profiles_for("generator", (64, 1, 256))
+    with pytest.raises(ValueError, match="x.IMAGE: shapes must satisfy"):
+        engines.profiles_for("x", inputs={"IMAGE": ((64, 64, 3), (16, 16, 3), (128, 128, 3))})
+
+
+def test_every_bundled_profile_model_has_an_engine_profile_that_covers_what_its_pipeline_sends():
+    from genimg.profiles import load_profiles
+
+    profiles = load_profiles().profiles
+    served = {m.name for p in profiles.values() if p.serve for m in p.serve.models}
+    assert served == {"faces", "esrgan_slim_x4", "vintage", "terrain"}
+    assert served <= set(engines.ENGINE_MODELS)
+    faces_hw = (profiles["faces"].image.height, profiles["faces"].image.width, profiles["faces"].image.channels)
+    big_hw = (profiles["faces_x4"].image.height, profiles["faces_x4"].image.width, 3)
+    for model, item in (("esrgan_slim_x4", faces_hw), ("vintage", big_hw)):  # faces 64 -> ESRGAN -> 256 -> vintage
+        (p,) = engines.profiles_for(model)
+        assert all(lo <= d <= hi for d, lo, hi in zip(item, p.min[1:], p.max[1:])), (model, item, p)
+        assert p.opt[1:] == item  # tuned for the size the pipeline sends
+    assert engines.profiles_for("esrgan_slim_x4")[0].max[1:] == (128, 128, 3)
+
+
+def test_engine_shapes_come_from_the_onnx_signature_when_fixed(triton_onnx_dir):
+    assert engines.onnx_item_shapes(triton_onnx_dir / "generator.onnx") == {
+        "Z": ((100,),) * 3, "COND": ((384,),) * 3}
+    why = engines.onnx_item_shapes(triton_onnx_dir / "upscaler.onnx")
+    assert isinstance(why, str) and "IMAGE" in why and "variable axis" in why
 
 
 def test_build_engines_without_tensorrt_exits_0_with_one_reason_line():

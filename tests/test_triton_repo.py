@@ -171,6 +171,14 @@ def test_tensorrt_batch_limits_fit_the_engines_optimisation_profiles(trt_repo):
                 assert all(lo <= d <= hi for d, lo, hi in zip(dims, p["min"][1:], p["max"][1:])), (name, dims)
 
 
+def test_tensorrt_rank1_inputs_are_reshaped_to_the_engines_batch_only_shape(trt_repo, triton_repo):
+    trt = read_config(trt_repo / "terrain" / "config.pbtxt")
+    cpu = read_config(triton_repo / "terrain" / "config.pbtxt")
+    flat = {t.name: (list(t.dims), t.HasField("reshape"), list(t.reshape.shape)) for t in trt.input}
+    assert flat == {"noisy": ([1, 128, 128], False, []), "sigma": ([1], True, []), "difficulty": ([1], True, [])}
+    assert not any(t.HasField("reshape") for t in cpu.input)  # the Python backend flattens [B, 1] itself
+
+
 def test_tensorrt_plans_are_copied_and_missing_ones_listed(trt_repo):
     manifest = json.loads((trt_repo / MANIFEST).read_text())
     assert (trt_repo / "generator" / "1" / "model.plan").read_bytes() == b"not really an engine"

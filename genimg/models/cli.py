@@ -114,17 +114,29 @@ def eval_(
 
 
 @app.command("build-engines")
-def build_engines(onnx_dir: Path = typer.Option(DEFAULT_ONNX_DIR, help="ONNX files (from `export`)."),
-                  out: Path = typer.Option(Path(".cache/genimg/engines"), help="Directory for *.plan files.")) -> None:
-    """Build FP16 TensorRT plans (batch 1/64/256 profiles); exits 0 with a reason where impossible."""
+def build_engines(onnx_dir: Path = typer.Option(DEFAULT_ONNX_DIR, help="genimg's digit ONNX files (from `export`)."),
+                  out: Path = typer.Option(Path(".cache/genimg/engines"), help="Directory for *.plan files."),
+                  profiles_dir: Path | None = typer.Option(
+                      None, "--profiles-dir", envvar="GENIMG_PROFILES_DIR",
+                      help="Profiles whose served ONNX models get plans too (default: the bundled profiles: "
+                           "faces, esrgan_slim_x4, vintage, terrain, fetched and cached on first use)."),
+                  model: list[str] | None = typer.Option(None, "--model", help="Only these models (repeat).")) -> None:
+    """Build FP16 TensorRT plans (batch 1/64/256 profiles); exits 0 with a reason where impossible.
+
+    Example: genimg models build-engines --out .cache/genimg/engines --model faces --model esrgan_slim_x4
+    """
     from genimg.models import engines
+    from genimg.profiles import load_profiles
 
     reason = engines.tensorrt_unavailable_reason()
     if reason:
         typer.echo(f"build-engines: skipped: {reason}; TensorRT plans need an NVIDIA GPU with TensorRT.")
         raise typer.Exit(0)
-    for name, path in engines.build_engines(onnx_dir, out).items():
+    built, skipped = engines.build_engines(onnx_dir, out, load_profiles(profiles_dir), models=model or None)
+    for name, path in built.items():
         typer.echo(f"{name}\t{path}")
+    for name, why in skipped.items():
+        typer.echo(f"{name}\tskipped: {why}", err=True)
 
 
 @app.command("list")

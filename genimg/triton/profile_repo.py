@@ -6,7 +6,8 @@ A profile's optional ``[serve]`` section tells genimg's builder how to serve it
 - ``serve.models``: single ONNX models, each served by the generic Python-backend
   model (``onnx_model.py``, cpu flavour) or as a ``tensorrt_plan`` (tensorrt flavour).
   Tensor names, dtypes and dims are read from the ONNX file itself with ONNX
-  Runtime; a rank-1 tensor (``[batch]``) is declared ``[1]`` and reshaped by the backend.
+  Runtime; a rank-1 tensor (``[batch]``) is declared ``[1]`` and reshaped by the
+  Python backend (cpu) or by Triton (tensorrt: ``reshape { shape: [] }``).
 - ``serve.ensemble``: steps of an ensemble named ``triton_model``, whose own
   inputs and outputs are the profile's bindings.
 
@@ -49,6 +50,8 @@ class OnnxTensor:
     name: str
     dtype: str
     dims: tuple[int, ...]
+    flat: bool = False
+    """The ONNX tensor is rank 1 (``[batch]``): declared ``[1]``."""
 
 
 def onnx_signature(path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
@@ -73,7 +76,7 @@ def onnx_signature(path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
         if not t.shape:
             raise ModelError(f"{path}: tensor {t.name} is a scalar; genimg models take a batch axis first")
         dims = tuple(d if isinstance(d, int) and d > 0 else -1 for d in t.shape[1:])
-        return OnnxTensor(t.name, ORT_DTYPES[t.type], dims or (1,))
+        return OnnxTensor(t.name, ORT_DTYPES[t.type], dims or (1,), flat=not dims)
 
     return [one(t) for t in sess.get_inputs()], [one(t) for t in sess.get_outputs()]
 
@@ -114,10 +117,11 @@ def onnx_model_config(pb, name: str, sig: tuple[list[OnnxTensor], list[OnnxTenso
     """The ``ModelConfig`` of a profile's single ONNX model (see the module docstring)."""
     inputs, outputs = sig
     cfg = pb.ModelConfig(name=name, max_batch_size=max_batch_size)
-    for t in inputs:
-        cfg.input.add(name=t.name, data_type=getattr(pb, dtypes[t.dtype]), dims=list(t.dims))
-    for t in outputs:
-        cfg.output.add(name=t.name, data_type=getattr(pb, dtypes[t.dtype]), dims=list(t.dims))
+    for group, tensors in ((cfg.input, inputs), (cfg.output, outputs)):
+        for t in tensors:
+            entry = group.add(name=t.name, data_type=getattr(pb, dtypes[t.dtype]), dims=list(t.dims))
+            if t.flat and flavor != "cpu":  # a TensorRT engine sees [B]: Triton reshapes [B, 1] to it
+                entry.reshape.SetInParent()
     kind = pb.ModelInstanceGroup.KIND_CPU if flavor == "cpu" else pb.ModelInstanceGroup.KIND_GPU
     cfg.instance_group.add(count=instances, kind=kind)
     cfg.dynamic_batching.preferred_batch_size.extend(preferred)

@@ -22,9 +22,10 @@ rejects the first and last for ensembles (``ValidateEnsembleSchedulingConfig``
 in triton core) and the composing models batch and warm up instead.
 
 TensorRT plans come from ``genimg models build-engines`` (:mod:`genimg.models.engines`:
-FP16, batch profile 1/64/256, upscaler pinned to 28 x 28 x 1). The configs keep
-the contract's dims, so the tensorrt upscaler declares ``[-1, -1, -1]`` but its
-engine accepts only the 28 x 28 x 1 images the ensembles send.
+FP16, batch profile 1/64/256, upscaler pinned to 28 x 28 x 1, the profile-served
+models with the sizes listed there). The configs keep the contract's dims, so the
+tensorrt upscaler declares ``[-1, -1, -1]`` but its engine accepts only the
+28 x 28 x 1 images the ensembles send.
 """
 
 from __future__ import annotations
