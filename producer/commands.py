@@ -292,7 +292,7 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
                                                               show_default=False)],
              output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
              queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
-    """Write a job's manifest (one row per item) to a local file.
+    """Write a job's manifest (one row per item) to a local file, streamed part by part.
 
     Example: genimg manifest 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --out manifest.parquet
     """
@@ -300,33 +300,47 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
     if suffix not in (".parquet", ".csv", ".jsonl"):
         raise ValidationError(f"must end in .parquet, .csv or .jsonl (got {str(out)!r})", field="out")
     with _client(redis_url, queue, key_prefix) as client:
-        table = client.job(job_id, output=output).manifest()
-    _write_table(table, out)
+        rows = _write_batches(client.job(job_id, output=output).iter_manifest(), out)
     if as_json:
-        _print_json({"job_id": job_id, "rows": table.num_rows, "out": str(out)})
+        _print_json({"job_id": job_id, "rows": rows, "out": str(out)})
     else:
-        _err(f"wrote {table.num_rows:,} rows to {out}")
+        _err(f"wrote {rows:,} rows to {out}")
 
 
-def _write_table(table: Any, out: Path) -> None:
+def _write_batches(batches: Any, out: Path) -> int:
+    """Write record batches to ``out`` (.parquet, .csv or .jsonl) through a temporary file; returns the rows.
+
+    Memory holds one batch at a time.
+    """
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     tmp = out.with_name(f".{out.name}.tmp")
+    rows, writer, suffix = 0, None, out.suffix.lower()
     try:
-        if out.suffix.lower() == ".parquet":
-            pq.write_table(table, tmp)
-        elif out.suffix.lower() == ".csv":
-            import pyarrow.csv as pacsv
-
-            pacsv.write_csv(table, tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in table.to_pylist():
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        with open(tmp, "wb") as f:
+            try:
+                for batch in batches:
+                    if suffix == ".jsonl":
+                        f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                                        for row in batch.to_pylist()).encode("utf-8"))
+                    else:
+                        if writer is None:
+                            writer = (pq.ParquetWriter(f, batch.schema, compression="zstd") if suffix == ".parquet"
+                                      else pacsv.CSVWriter(f, batch.schema))
+                        writer.write_batch(batch)
+                    rows += batch.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ValidationError(f"cannot write {str(out)!r}: {e.strerror}", field="out") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
 
 
 @_guarded
