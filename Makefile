@@ -6,7 +6,7 @@ EXTRAS ?= serve,train,local,test
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast soak chaos bench eval clean
+.PHONY: venv demo test test-fast soak chaos bench scale eval clean
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ chaos: venv
 BENCH_ARGS ?=
 bench: venv
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# The scale run (issue 21, docs/operations.md "Scale"): fabricated committed state of jobs of 10^3-10^5 shards
+# (and 2,000 on moto's S3 server), then the real finalisation, status, wait, exporter scrape and resume; enqueue of
+# 10^6 messages. ~30 min and ~15 GB of disk under .cache/scale at 10^5 shards. SCALE_ARGS="--shards 1000" for a smoke run.
+SCALE_ARGS ?=
+scale: venv
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache

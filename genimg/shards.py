@@ -691,6 +691,9 @@ def dedupe_index(table: pa.Table) -> pa.Table:
     """
     if table.num_rows == 0:
         return table
+    items = table["item_index"].to_numpy()
+    if bool(np.all(items[1:] > items[:-1])):
+        return table  # already one row per item, in order (shards read in order): nothing to sort
     rank = pc.if_else(pc.equal(table["status"], STATUS_OK), 0, 1)
     ranked = table.append_column("__rank", rank)
     order = pc.sort_indices(
