@@ -1,0 +1,176 @@
+"""Check ``genimg plan``'s arithmetic against the demo jobs run on the local stack with 1, 2 and 4 workers.
+
+1. **Calibrate** (one worker, cpu flavour, this machine): a txt2img job
+   (``--cal-prompts`` prompts x 4) and a noise2img job (``--cal-noise``
+   items), each alone, shards of 100 as the demo. Per profile: images/s of
+   one worker (shard images over the shard's own seconds, from the stats
+   objects), CPU seconds per image of the whole stack (every process of it,
+   through ``/proc``), mean image bytes (the manifest's ``tar_size``), and
+   Redis commands per shard (``INFO stats``). Written to
+   ``benchmarks/results/throughput.json``, where ``genimg plan`` reads them.
+   The job overhead (submit to first shard, finalise, polling) is the one-worker
+   calibration wall time less its shards' seconds.
+2. **Predict**: :func:`genimg.plan.simulate` of the demo's two jobs (txt2img:
+   every prompt of ``examples/prompts.txt`` x 4; noise2img: 2,000; shards of
+   100, queued in that order) on N workers of concurrency 1 sharing the
+   machine's CPUs, plus the overhead.
+3. **Measure**: ``genimg demo`` (:func:`producer.demo.run_demo`) on a stack of N
+   workers; its ``jobs_wall_s`` (first submit to both jobs finished).
+
+Prints a table and writes ``benchmarks/results/plan-check.json``. About 6 minutes on 2 cores.
+
+Usage::
+
+    .venv/bin/python benchmarks/plan_check.py
+    .venv/bin/python benchmarks/plan_check.py --workers 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+for _k in [k for k in os.environ if k.startswith("GENIMG_")]:
+    os.environ.pop(_k)  # the stack's own Redis, S3 and Triton
+
+SHARD_SIZE = 100
+SUB_BATCH = 100
+IMAGES_PER_PROMPT = 4
+
+
+def _stack_pids(state: Any) -> list[int]:
+    return [p.pid for p in state.procs.values()]
+
+
+def _run_alone(client: Any, redis_url: str, state: Any, name: str, **submit: Any) -> dict[str, Any]:
+    import redis
+
+    from benchmarks._infra import Sampler
+
+    r = redis.Redis.from_url(redis_url)
+    before = int(r.info("stats")["total_commands_processed"])
+    with Sampler(_stack_pids(state), interval_s=0.5) as sampler:
+        t0 = time.monotonic()
+        job = client.submit(output=state.env["GENIMG_OUTPUT"], shard_size=SHARD_SIZE, sub_batch_size=SUB_BATCH,
+                            seed=7, name=f"cal-{name}", **submit)
+        st = job.wait(progress=False, timeout_s=900, poll_s=0.1)
+        wall = time.monotonic() - t0
+    commands = int(r.info("stats")["total_commands_processed"]) - before
+    assert st.state == "succeeded", st
+    store, layout = client.job_store(job.spec)
+    from genimg.shards import committed_shards
+
+    stats = [json.loads(store.get_bytes(layout.stats_key(s))) for s in committed_shards(store, layout)]
+    shard_s = sum(float(s["seconds"]["shard"]) for s in stats)
+    items = job.spec.total_items
+    table = job.manifest()
+    sizes = [x for x in table.column("tar_size").to_pylist() if x is not None]
+    report = sampler.report()
+    return {"images_per_s": items / shard_s, "cpu_s_per_image": report["cpu_s"] / items,
+            "image_bytes": statistics.fmean(sizes), "redis_commands_per_shard": commands / len(stats),
+            "overhead_s": wall - shard_s, "wall_s": wall, "shards": len(stats), "items": items,
+            "cpu_s_by_kind": report["cpu_s_by_kind"]}
+
+
+def predict(profiles: dict[str, Any], workers: int, prompts: int, noise: int, overhead_s: float,
+            cpus: float) -> float:
+    from genimg.plan import Keda, Load, Profile, simulate
+
+    def prof(name: str) -> Profile:
+        p = profiles[name]
+        return Profile(images_per_s=p["images_per_s"], image_bytes=p["image_bytes"],
+                       cpu_s_per_image=p["cpu_s_per_image"], text=name == "txt2img")
+
+    loads = [Load("txt2img", prompts * IMAGES_PER_PROMPT, SHARD_SIZE, prof("txt2img")),
+             Load("noise2img", noise, SHARD_SIZE, prof("noise2img"))]
+    keda = Keda(max_pods=workers, concurrency=1, node_start_s=0.0)
+    end, _, _, _ = simulate(loads, keda, cpus=cpus, autoscale=False)
+    return end + overhead_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--cal-prompts", type=int, default=60, help="Calibration txt2img prompts (x 4 images).")
+    parser.add_argument("--cal-noise", type=int, default=800, help="Calibration noise2img images.")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan-check.json")
+    parser.add_argument("--throughput-out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
+    args = parser.parse_args()
+
+    from benchmarks._infra import host_busy_s, machine
+    from genimg.local import LocalStack
+    from producer.client import Client
+    from producer.demo import DEFAULT_NOISE_COUNT, read_prompts, run_demo
+
+    prompts = read_prompts(ROOT / "examples" / "prompts.txt", None)
+    cpus = float(len(os.sched_getaffinity(0)))
+    counts = [int(w) for w in args.workers.split(",")]
+    results: dict[str, Any] = {"machine": machine(), "cpus": cpus, "runs": []}
+    profiles: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="genimg-plancheck-") as tmp:
+        for n in counts:
+            stack = LocalStack(Path(tmp) / f"stack-{n}")
+            state, _ = stack.up(n, say=lambda line: print(f"local: {line}", file=sys.stderr))
+            try:
+                if not profiles:
+                    assert n == 1, "calibrate with one worker first"
+                    saved = dict(os.environ)
+                    os.environ.update(state.full_env())
+                    try:
+                        with Client() as client:
+                            profiles["txt2img"] = _run_alone(client, state.env["GENIMG_REDIS_URL"], state, "txt2img",
+                                                             prompts=prompts[:args.cal_prompts],
+                                                             images_per_prompt=IMAGES_PER_PROMPT)
+                            profiles["noise2img"] = _run_alone(client, state.env["GENIMG_REDIS_URL"], state,
+                                                               "noise2img", count=args.cal_noise, model="noise2img")
+                    finally:
+                        os.environ.clear()
+                        os.environ.update(saved)
+                    print(f"calibration: {json.dumps(profiles)}", file=sys.stderr)
+                overhead = statistics.fmean(p["overhead_s"] for p in profiles.values())
+                predicted = predict(profiles, n, len(prompts), DEFAULT_NOISE_COUNT, overhead, cpus)
+                busy0, t0 = host_busy_s(), time.monotonic()
+                overall = run_demo(prompts_path=ROOT / "examples" / "prompts.txt", prompts_limit=None,
+                                   images_per_prompt=IMAGES_PER_PROMPT, noise_count=DEFAULT_NOISE_COUNT,
+                                   out=Path(tmp) / f"out-{n}", workers=n, shard_size=SHARD_SIZE,
+                                   sub_batch_size=SUB_BATCH, seed=0, timeout_s=1800, keep_up=True, progress=False,
+                                   state_dir=Path(tmp) / f"stack-{n}")
+                host = (host_busy_s() - busy0) / max(time.monotonic() - t0, 1e-9)
+                measured = float(overall["jobs_wall_s"])
+                run = {"workers": n, "predicted_s": round(predicted, 2), "measured_s": round(measured, 2),
+                       "error": round(predicted / measured - 1, 3), "host_cpus_busy": round(host, 2),
+                       "images_per_s": overall["images_per_s"]}
+                results["runs"].append(run)
+                print(f"workers {n}: predicted {predicted:.1f} s, measured {measured:.1f} s "
+                      f"({run['error']:+.1%})", file=sys.stderr)
+            finally:
+                stack.down(say=lambda line: print(f"local: {line}", file=sys.stderr))
+    results["calibration"] = profiles
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True))
+    doc = {"machine": results["machine"]["cpu_model"], "cpus": cpus, "note": "one cpu-flavour worker (concurrency 1)"
+           " on the local stack, shards of 100, sub-batches of 100; benchmarks/plan_check.py", "profiles": {
+               name: {"images_per_s": round(p["images_per_s"], 2), "cpu_s_per_image": round(p["cpu_s_per_image"], 5),
+                      "image_bytes": round(p["image_bytes"], 1),
+                      "redis_commands_per_shard": round(p["redis_commands_per_shard"], 1),
+                      "text": name == "txt2img", "machine": f"{cpus:.0f} CPUs ({results['machine']['cpu_model']})"}
+               for name, p in profiles.items()}}
+    args.throughput_out.write_text(json.dumps(doc, indent=1, sort_keys=True))
+    print("| workers | predicted s | measured s | error | host CPUs busy |")
+    print("| --- | --- | --- | --- | --- |")
+    for run in results["runs"]:
+        print(f"| {run['workers']} | {run['predicted_s']:.1f} | {run['measured_s']:.1f} | {run['error']:+.1%} "
+              f"| {run['host_cpus_busy']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
