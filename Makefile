@@ -50,9 +50,9 @@ BENCH_ARGS ?=
 bench: venv
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
-# The scale run (issue 21, docs/operations.md "Scale"): fabricated committed state of jobs of 10^3-10^5 shards
+# The scale run (issue 21, docs/operations.md "Scale"): fabricated committed state of jobs of 10^4 and 10^5 shards
 # (and 2,000 on moto's S3 server), then the real finalisation, status, wait, exporter scrape and resume; enqueue of
-# 10^6 messages. ~30 min and ~15 GB of disk under .cache/scale at 10^5 shards. SCALE_ARGS="--shards 1000" for a smoke run.
+# 10^6 messages. ~30 min and ~15 GB of disk under .cache/scale at 10^5 shards. SCALE_ARGS="--shards 1000 --s3-shards 100 --enqueue-shards 10000" for a smoke run.
 SCALE_ARGS ?=
 scale: venv
 	$(PY) benchmarks/scale.py $(SCALE_ARGS)

@@ -1,4 +1,4 @@
-"""``make scale``: what the end of a big job costs, on this machine, at 10^3-10^5 (10^6) shards.
+"""``make scale``: what the end of a big job costs, on this machine, at 10^4 and 10^5 shards (any sizes given).
 
 For each size it fabricates the committed state of a noise2img job of
 ``shards x shard_size`` items through genimg's own code, then runs the real
@@ -39,7 +39,7 @@ linear).
 
 Usage::
 
-    .venv/bin/python benchmarks/scale.py                              # 10^3, 10^4, 10^5 shards; S3 2,000; enqueue 10^6
+    .venv/bin/python benchmarks/scale.py                              # 10^4, 10^5 shards; S3 2,000; enqueue 10^6
     .venv/bin/python benchmarks/scale.py --shards 1000 --s3-shards 0 --enqueue-shards 0   # smoke run
 """
 
@@ -464,7 +464,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shards", default="1000,10000,100000", help="Sizes on the local file store.")
+    parser.add_argument("--shards", default="10000,100000", help="Sizes on the local file store.")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--s3-shards", type=int, default=2000, help="Size on moto's S3 server (0: skip).")
     parser.add_argument("--enqueue-shards", type=int, default=1_000_000, help="Messages to enqueue (0: skip).")
