@@ -16,11 +16,12 @@ Every stack first runs a small warm-up job of each profile (Triton's first reque
 2. **Predict**: :func:`genimg.plan.simulate` of the demo's two jobs (txt2img:
    every prompt of ``examples/prompts.txt`` x 4; noise2img: 2,000; shards of
    100, queued in that order) on N workers of concurrency 1 sharing the CPUs
-   that the rest of the machine leaves free (sampled for 3 s just before, with
-   the stack idle: other users of this shared machine are an input, like the
-   GPUs of a cluster), plus the overhead.
+   that the rest of the machine left free during the run (host CPU time less
+   the stack's own, through ``/proc``: other users of this shared machine are
+   an input to the plan, as the GPUs of a cluster are), plus the overhead.
 3. **Measure**: ``genimg demo`` (:func:`producer.demo.run_demo`) on a stack of N
-   workers; its ``jobs_wall_s`` (first submit to both jobs finished).
+   workers, ``--rounds`` times; its ``jobs_wall_s`` (first submit to both jobs
+   finished).
 
 Prints a table and writes ``benchmarks/results/plan-check.json``. About 6 minutes on 2 cores.
 
@@ -57,6 +58,13 @@ DEMO_POLL_S = 0.5
 """``genimg demo``'s status polling (producer.demo.POLL_S)."""
 
 
+def _self_cpu_s() -> float:
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def _stack_pids(state: Any) -> list[int]:
     return [p.pid for p in state.procs.values()]
 
@@ -91,15 +99,6 @@ def _run_alone(client: Any, redis_url: str, state: Any, name: str, **submit: Any
             "image_bytes": statistics.fmean(sizes), "redis_commands_per_shard": commands / len(stats),
             "submit_s": submit_s, "wall_s": wall, "generate_upload_s": generate_s, "shards": len(stats),
             "items": items, "cpu_s_by_kind": report["cpu_s_by_kind"]}
-
-
-def others_cpus(seconds: float = 3.0) -> float:
-    """CPUs the rest of the machine keeps busy (sampled while the stack is idle): the background load."""
-    from benchmarks._infra import host_busy_s
-
-    busy0, t0 = host_busy_s(), time.monotonic()
-    time.sleep(seconds)  # a sampling window, not synchronisation
-    return (host_busy_s() - busy0) / (time.monotonic() - t0)
 
 
 def warm_up(state: Any, prompts: list[str]) -> None:
@@ -141,13 +140,14 @@ def predict(profiles: dict[str, Any], workers: int, prompts: int, noise: int, ov
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--rounds", type=int, default=3, help="Demo runs per worker count.")
     parser.add_argument("--cal-prompts", type=int, default=100, help="Calibration txt2img prompts (x 4 images).")
     parser.add_argument("--cal-noise", type=int, default=1000, help="Calibration noise2img images.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "plan-check.json")
     parser.add_argument("--throughput-out", type=Path, default=ROOT / "benchmarks" / "results" / "throughput.json")
     args = parser.parse_args()
 
-    from benchmarks._infra import host_busy_s, machine
+    from benchmarks._infra import Sampler, host_busy_s, machine
     from genimg.local import LocalStack
     from producer.client import Client
     from producer.demo import DEFAULT_NOISE_COUNT, read_prompts, run_demo
@@ -179,24 +179,27 @@ def main() -> None:
                         os.environ.update(saved)
                     print(f"calibration: {json.dumps(profiles)}", file=sys.stderr)
                 overhead = profiles["txt2img"]["submit_s"] + DEMO_POLL_S / 2  # first submit; the demo's polling
-                background = others_cpus()
-                free = max(0.25, cpus - background)
-                predicted = predict(profiles, n, len(prompts), DEFAULT_NOISE_COUNT, overhead, free)
-                busy0, t0 = host_busy_s(), time.monotonic()
-                overall = run_demo(prompts_path=ROOT / "examples" / "prompts.txt", prompts_limit=None,
-                                   images_per_prompt=IMAGES_PER_PROMPT, noise_count=DEFAULT_NOISE_COUNT,
-                                   out=Path(tmp) / f"out-{n}", workers=n, shard_size=SHARD_SIZE,
-                                   sub_batch_size=SUB_BATCH, seed=0, timeout_s=1800, keep_up=True, progress=False,
-                                   state_dir=Path(tmp) / f"stack-{n}")
-                host = (host_busy_s() - busy0) / max(time.monotonic() - t0, 1e-9)
-                measured = float(overall["jobs_wall_s"])
-                run = {"workers": n, "predicted_s": round(predicted, 2), "measured_s": round(measured, 2),
-                       "error": round(predicted / measured - 1, 3), "background_cpus_before": round(background, 2),
-                       "cpus_given_to_plan": round(free, 2), "host_cpus_busy": round(host, 2),
-                       "images_per_s": overall["images_per_s"]}
-                results["runs"].append(run)
-                print(f"workers {n}: predicted {predicted:.1f} s, measured {measured:.1f} s "
-                      f"({run['error']:+.1%})", file=sys.stderr)
+                for rnd in range(args.rounds):
+                    busy0, t0, self0 = host_busy_s(), time.monotonic(), _self_cpu_s()
+                    with Sampler(_stack_pids(state), interval_s=0.5) as sampler:
+                        overall = run_demo(prompts_path=ROOT / "examples" / "prompts.txt", prompts_limit=None,
+                                           images_per_prompt=IMAGES_PER_PROMPT, noise_count=DEFAULT_NOISE_COUNT,
+                                           out=Path(tmp) / f"out-{n}", workers=n, shard_size=SHARD_SIZE,
+                                           sub_batch_size=SUB_BATCH, seed=rnd, timeout_s=1800, keep_up=True,
+                                           progress=False, state_dir=Path(tmp) / f"stack-{n}")
+                    span = max(time.monotonic() - t0, 1e-9)
+                    ours = sampler.report()["cpu_s"] + _self_cpu_s() - self0
+                    others = max(0.0, (host_busy_s() - busy0 - ours) / span)
+                    free = max(0.25, cpus - others)
+                    predicted = predict(profiles, n, len(prompts), DEFAULT_NOISE_COUNT, overhead, free)
+                    measured = float(overall["jobs_wall_s"])
+                    run = {"workers": n, "round": rnd, "predicted_s": round(predicted, 2),
+                           "measured_s": round(measured, 2), "error": round(predicted / measured - 1, 3),
+                           "others_cpus": round(others, 2), "cpus_given_to_plan": round(free, 2),
+                           "images_per_s": overall["images_per_s"]}
+                    results["runs"].append(run)
+                    print(f"workers {n} round {rnd}: predicted {predicted:.1f} s, measured {measured:.1f} s "
+                          f"({run['error']:+.1%}), other processes used {others:.2f} CPUs", file=sys.stderr)
             finally:
                 stack.down(say=lambda line: print(f"local: {line}", file=sys.stderr))
     results["calibration"] = profiles
@@ -209,11 +212,12 @@ def main() -> None:
                       "text": name == "txt2img", "machine": f"{cpus:.0f} CPUs ({results['machine']['cpu_model']})"}
                for name, p in profiles.items()}}
     args.throughput_out.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    print("| workers | predicted s | measured s | error | background CPUs before | host CPUs busy during |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for run in results["runs"]:
-        print(f"| {run['workers']} | {run['predicted_s']:.1f} | {run['measured_s']:.1f} | {run['error']:+.1%} "
-              f"| {run['background_cpus_before']:.2f} | {run['host_cpus_busy']:.2f} |")
+    print("| workers | runs: predicted / measured s (other processes' CPUs) | median error |")
+    print("| --- | --- | --- |")
+    for n in counts:
+        runs = [r for r in results["runs"] if r["workers"] == n]
+        cells = ", ".join(f"{r['predicted_s']:.1f} / {r['measured_s']:.1f} ({r['others_cpus']:.2f})" for r in runs)
+        print(f"| {n} | {cells} | {statistics.median(r['error'] for r in runs):+.1%} |")
 
 
 if __name__ == "__main__":
