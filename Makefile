@@ -6,7 +6,7 @@ EXTRAS ?= serve,train,local,test
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast soak chaos bench eval clean images deploy-check
+.PHONY: venv demo test test-fast soak chaos bench scale eval clean images deploy-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,13 @@ images: venv
 # prints items, images/s, image sizes, exit codes and what kube play ignored (demo-out/deploy-check.json).
 deploy-check: images
 	GENIMG_IMAGE_TAG=$(IMAGE_TAG) PY=$(PY) bash scripts/deploy-check.sh
+
+# The scale run (issue 21, docs/operations.md "Scale"): fabricated committed state of jobs of 10^4 and 10^5 shards
+# (and 2,000 on moto's S3 server), then the real finalisation, status, wait, exporter scrape and resume; enqueue of
+# 10^6 messages. ~30 min and ~15 GB of disk under .cache/scale at 10^5 shards. SCALE_ARGS="--shards 1000 --s3-shards 100 --enqueue-shards 10000" for a smoke run.
+SCALE_ARGS ?=
+scale: venv
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache demo-out .pytest_cache

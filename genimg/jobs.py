@@ -1,7 +1,11 @@
 """Job bookkeeping in Redis (see :mod:`genimg.queue` for the key layout) and job finalisation.
 
 Every write here is idempotent: a shard committed twice, or a finaliser run
-twice, leaves the same state.
+twice, leaves the same state. Reading a job's progress costs O(1) in its
+number of shards: the done-hash's item counts are summed into a ``totals``
+hash by the same Lua script that adds the shard to the done-hash, once per
+shard (:func:`mark_done`), so neither ``status`` nor the check a worker runs
+after each shard reads the whole done-hash.
 """
 
 from __future__ import annotations
@@ -9,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 
 import redis
 
 from genimg.errors import QueueUnavailableError, StorageNotFoundError
+from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
 from genimg.queue import Keys, describe_redis_error
-from genimg.shards import Layout, build_manifest
+from genimg.shards import Layout
 from genimg.spec import JobSpec
 from genimg.storage import ObjectStore
 
@@ -24,6 +28,34 @@ log = logging.getLogger(__name__)
 
 SPEC_OBJECT = "job.json"
 SUCCESS_OBJECT = "_SUCCESS"
+FAILED_SHARDS_LISTED = 1_000
+"""Most failed shards (with reasons) ``_SUCCESS`` lists; ``shards_failed`` counts them all."""
+FINALIZE_ROUNDS = 5
+"""Most rounds of one finaliser when shards change state while it writes."""
+
+_MARK_DONE = """
+local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if new == 1 then
+  redis.call('HINCRBY', KEYS[4], 'items_ok', ARGV[3])
+  redis.call('HINCRBY', KEYS[4], 'items_failed', ARGV[4])
+end
+return new
+"""
+"""Add a shard to the done-hash and, the first time only, its item counts to the totals (atomically)."""
+
+_RECOUNT = """
+local ok, bad = 0, 0
+for _, v in ipairs(redis.call('HVALS', KEYS[1])) do
+  local sep = string.find(v, ',', 1, true)
+  ok = ok + tonumber(string.sub(v, 1, sep - 1))
+  bad = bad + tonumber(string.sub(v, sep + 1))
+end
+redis.call('HSET', KEYS[2], 'items_ok', ok, 'items_failed', bad)
+return {ok, bad}
+"""
+"""Recompute the totals from the done-hash (after resume rewrote it, or for a job from before the totals)."""
 
 
 def _redis_op(what: str):
@@ -108,11 +140,21 @@ def mark_done(r: redis.Redis, keys: Keys, job_id: str, shard: int, ok: int, fail
     Returns:
         True the first time this shard is marked done (count its images then).
     """
-    pipe = r.pipeline()
-    pipe.hset(keys.job(job_id, "done"), str(shard), f"{ok},{failed}")
-    pipe.hdel(keys.job(job_id, "failed"), str(shard))
-    pipe.hdel(keys.job(job_id, "running"), str(shard))
-    return bool(pipe.execute()[0])
+    k = keys.job
+    new = r.eval(_MARK_DONE, 4, k(job_id, "done"), k(job_id, "failed"), k(job_id, "running"),
+                 k(job_id, "totals"), str(shard), f"{ok},{failed}", int(ok), int(failed))
+    return bool(new)
+
+
+@_redis_op("recount totals")
+def recount_totals(r: redis.Redis, keys: Keys, job_id: str) -> tuple[int, int]:
+    """Recompute the job's item totals from its done-hash, atomically (O(shards), once).
+
+    Returns:
+        ``(items_ok, items_failed)``.
+    """
+    ok, bad = r.eval(_RECOUNT, 2, keys.job(job_id, "done"), keys.job(job_id, "totals"))
+    return int(ok), int(bad)
 
 
 @_redis_op("mark failed")
@@ -136,71 +178,133 @@ def is_cancelled(r: redis.Redis, keys: Keys, job_id: str) -> bool:
 
 @_redis_op("read counts")
 def counts(r: redis.Redis, keys: Keys, spec: JobSpec) -> JobCounts:
-    """Shard and item counts of ``spec``'s job."""
+    """Shard and item counts of ``spec``'s job (O(1) in its number of shards)."""
     jid = spec.job_id
-    pipe = r.pipeline()
-    pipe.hvals(keys.job(jid, "done"))
+    pipe = r.pipeline(transaction=False)
+    pipe.hlen(keys.job(jid, "done"))
     pipe.hlen(keys.job(jid, "failed"))
     pipe.hlen(keys.job(jid, "running"))
     pipe.get(keys.job(jid, "state"))
-    done, failed, running, state = pipe.execute()
-    ok = sum(int(v.split(b",")[0]) for v in done)
-    bad = sum(int(v.split(b",")[1]) for v in done)
-    return JobCounts(num_shards=spec.shard_plan().num_shards, shards_done=len(done), shards_failed=failed,
-                     shards_running=running, items_ok=ok, items_failed=bad, cancelled=state == b"cancelled")
+    pipe.hmget(keys.job(jid, "totals"), "items_ok", "items_failed")
+    done, failed, running, state, (ok, bad) = pipe.execute()
+    if ok is None and done:  # a job whose done-hash predates the totals
+        ok, bad = recount_totals(r, keys, jid)
+    return JobCounts(num_shards=spec.shard_plan().num_shards, shards_done=int(done), shards_failed=int(failed),
+                     shards_running=int(running), items_ok=int(ok or 0), items_failed=int(bad or 0),
+                     cancelled=state == b"cancelled")
+
+
+def compact_part_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, spec: JobSpec,
+                             shard: int) -> bool:
+    """Write the manifest part that holds ``shard`` if every shard of its range is committed.
+
+    Called by a worker after it marks a shard done: one ``HMGET`` of the
+    range's shards; the worker that completes a range builds its part (a
+    Redis lock keeps others from building the same part at once), unless a
+    final summary of it exists already.
+
+    Returns:
+        True when this call wrote the part.
+
+    Raises:
+        QueueUnavailableError: Redis is unreachable.
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: an unreadable index, or another storage fault.
+    """
+    plan = PartPlan.for_spec(spec)
+    part = plan.part_of_shard(shard)
+    start, stop = plan.part_range(part)
+    lock = keys.job(spec.job_id, f"part:{part}")
+    try:
+        done = r.hmget(keys.job(spec.job_id, "done"), [str(s) for s in range(start, stop)])
+        if any(v is None for v in done) or not r.set(lock, b"1", nx=True, ex=300):
+            return False
+    except redis.RedisError as e:
+        raise QueueUnavailableError(f"Redis unavailable compacting job {spec.job_id}: "
+                                    f"{describe_redis_error(e)}") from e
+    try:
+        summary = read_summary(store, layout, part)
+        if summary is not None and summary.final and summary.shards == (start, stop):
+            return False
+        build_part(store, layout, plan, part, schema=job_schema(spec))
+        return True
+    finally:
+        try:
+            r.delete(lock)
+        except redis.RedisError:
+            pass  # it expires
 
 
 def finalize_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout,
                          spec: JobSpec) -> bool:
-    """Write ``manifest.parquet`` and ``_SUCCESS`` once every shard is committed or failed.
+    """Write the manifest's missing parts and ``_SUCCESS`` once every shard is committed or failed.
 
     Safe to call from every worker after each shard: a Redis lock lets one
-    finaliser run at a time and the outputs are rebuilt from committed shard
-    indexes, so a second run writes the same manifest. Unfinished multipart
+    finaliser run at a time; parts that workers compacted are kept, the
+    others (:func:`genimg.manifest.finalize_parts`) are rebuilt from committed
+    shard indexes, so a second run writes the same manifest. If a shard
+    changes state while the finaliser runs (a late commit of a failed shard),
+    it goes round again once it has released the lock, so a caller that found
+    the lock taken is never left with a stale manifest. Unfinished multipart
     uploads under the job's ``shards/`` (left by workers killed mid-upload)
     are aborted, so they stop costing storage.
 
     Returns:
         True when the job is finished and its manifest written.
     """
-    c = counts(r, keys, spec)
-    if not c.finished or c.cancelled:
-        return False
-    lock = keys.job(spec.job_id, "finalizing")
-    try:
-        if not r.set(lock, b"1", nx=True, ex=300):
-            return False
-    except redis.RedisError as e:
-        raise QueueUnavailableError(f"Redis unavailable finalising job {spec.job_id}") from e
-    try:
-        table = build_manifest(store, layout, write=True)
-        abort = getattr(store, "abort_multipart_uploads", None)  # S3 only
-        if abort is not None:  # left by runs killed mid-upload; every shard is committed or failed now
-            aborted = abort(layout.shards_prefix)
-            if aborted:
-                log.info("aborted %d unfinished multipart uploads", aborted, extra={"job_id": spec.job_id})
-        failures = {k.decode(): v.decode() for k, v in r.hgetall(keys.job(spec.job_id, "failed")).items()}
-        started = spec.created_at.timestamp()
-        rows = table.select(["status", "reason"]).to_pylist()
-        summary = {
-            "job_id": spec.job_id, "state": c.state, "num_shards": c.num_shards,
-            "shards_done": c.shards_done, "shards_failed": c.shards_failed,
-            "items_ok": sum(1 for row in rows if row["status"] == "ok"),
-            "items_failed": sum(1 for row in rows if row["status"] != "ok"),
-            "items_failed_by_reason": dict(sorted(Counter(str(row["reason"]) for row in rows
-                                                          if row["status"] != "ok").items())),
-            "failed_shards": failures,
-            "seconds": round(time.time() - started, 3),
-        }
-        summary["images_per_s"] = round(summary["items_ok"] / max(summary["seconds"], 1e-9), 3)
-        store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
-                        "application/json")
-        r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
-        log.info("job finalised", extra={"job_id": spec.job_id, **{k: v for k, v in summary.items()
-                                                                  if k != "failed_shards"}})
-        return True
-    finally:
-        r.delete(lock)
+    finished = False
+    for _ in range(FINALIZE_ROUNDS):
+        c = counts(r, keys, spec)
+        if not c.finished or c.cancelled:
+            return finished
+        lock = keys.job(spec.job_id, "finalizing")
+        try:
+            if not r.set(lock, b"1", nx=True, ex=300):
+                return finished
+        except redis.RedisError as e:
+            raise QueueUnavailableError(f"Redis unavailable finalising job {spec.job_id}") from e
+        try:
+            _finalize(r, keys, store, layout, spec, c)
+            finished = True
+        finally:
+            r.delete(lock)
+        after = counts(r, keys, spec)
+        if (after.shards_done, after.shards_failed) == (c.shards_done, c.shards_failed):
+            return True
+        log.info("shards changed while finalising; going round again", extra={"job_id": spec.job_id})
+    return finished
+
+
+def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, spec: JobSpec,
+              c: JobCounts) -> None:
+    totals = finalize_parts(store, layout, PartPlan.for_spec(spec), schema=job_schema(spec))
+    abort = getattr(store, "abort_multipart_uploads", None)  # S3 only
+    if abort is not None:  # left by runs killed mid-upload; every shard is committed or failed now
+        aborted = abort(layout.shards_prefix)
+        if aborted:
+            log.info("aborted %d unfinished multipart uploads", aborted, extra={"job_id": spec.job_id})
+    failures: dict[str, str] = {}
+    for k, v in r.hscan_iter(keys.job(spec.job_id, "failed"), count=1000):
+        failures[k.decode()] = v.decode()
+        if len(failures) >= FAILED_SHARDS_LISTED:
+            break
+    started = spec.created_at.timestamp()
+    summary = {
+        "job_id": spec.job_id, "state": c.state, "num_shards": c.num_shards,
+        "shards_done": c.shards_done, "shards_failed": c.shards_failed,
+        "items_ok": totals.items_ok, "items_failed": totals.items_failed,
+        "items_failed_by_reason": totals.items_failed_by_reason,
+        "failed_shards": dict(sorted(failures.items(), key=lambda kv: int(kv[0]))),
+        "manifest": {"prefix": layout.manifest_prefix.removeprefix(f"{layout.job_prefix}/"),
+                     "parts": totals.parts, "rows": totals.rows, "bytes": totals.bytes},
+        "seconds": round(time.time() - started, 3),
+    }
+    summary["images_per_s"] = round(summary["items_ok"] / max(summary["seconds"], 1e-9), 3)
+    store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
+                    "application/json")
+    r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
+    log.info("job finalised", extra={"job_id": spec.job_id, **{k: v for k, v in summary.items()
+                                                              if k not in ("failed_shards", "manifest")}})
 
 
 def counts_dict(c: JobCounts) -> dict:

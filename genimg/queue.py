@@ -16,8 +16,12 @@ Redis keys (``{p}`` is the key prefix, ``GENIMG_KEY_PREFIX``, default ``genimg``
 | ``{p}:job:{id}:done`` | hash | shard → ``"ok_items,failed_items"`` of each committed shard |
 | ``{p}:job:{id}:failed`` | hash | shard → reason, shards that failed permanently |
 | ``{p}:job:{id}:running`` | hash | shard → worker hostname, while a worker runs it |
+| ``{p}:job:{id}:totals`` | hash | ``items_ok``, ``items_failed``: sums over the done-hash, kept by :func:`genimg.jobs.mark_done` |
 | ``{p}:job:{id}:state`` | string | ``cancelled`` once cancelled (otherwise derived) |
 | ``{p}:job:{id}:healed`` | hash | shard → times the reconciler re-enqueued it (``genimg reconcile``) |
+| ``{p}:job:{id}:summary`` | string | the ``_SUCCESS`` summary once finalised |
+| ``{p}:job:{id}:finalizing`` | string | the finaliser's lock (300 s TTL) |
+| ``{p}:job:{id}:part:{n}`` | string | lock of a worker writing manifest part ``n`` (300 s TTL) |
 | ``{p}:jobs`` | sorted set | job ids by submit time |
 | ``{p}:idem:{key}`` | string | job id of an idempotency key |
 | ``{p}:reconciler:lease`` | string | token of the ``genimg reconcile`` replica that acts (expires) |

@@ -5,7 +5,8 @@ Output layout under ``s3://{bucket}/{prefix}/{job_id}/`` (see :class:`Layout`)::
     shards/000042.tar          WebDataset tar: 000004200.png + 000004200.json, ...
     shards/000042.stats.json   items ok/failed, seconds per stage, sizes
     shards/000042.parquet      the shard index: one row per item, ok or failed
-    manifest.parquet           all committed shard indexes, one row per item
+    manifest/part-00000.parquet  committed shard indexes of a range of shards, one row per item
+                               (see :mod:`genimg.manifest`)
 
 **Keys.** Inside a tar an item's members are ``{item_index:09d}.{ext}`` and
 ``{item_index:09d}.json``; WebDataset splits a member name at its first dot,
@@ -15,8 +16,8 @@ holds that same string; ``shard_index``/``tar_key`` say which tar holds it.
 
 **Commit protocol.** :func:`commit_shard` uploads the tar, then the stats,
 then the index. The index is the commit marker: a shard is committed iff its
-index exists (:func:`is_committed`), and :func:`build_manifest` reads committed
-indexes only. A crash before the index leaves an uncommitted shard that a
+index exists (:func:`is_committed`), and the manifest (:mod:`genimg.manifest`)
+reads committed indexes only. A crash before the index leaves an uncommitted shard that a
 retry overwrites.
 
 **Determinism.** The same items give a byte-identical tar (members sorted by
@@ -49,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
+from genimg.errors import StorageError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
 from genimg.profiles.params import params_json
 from genimg.storage import ObjectStore, parse_url, sha256_hex
@@ -197,9 +198,21 @@ class Layout:
         return f"{self._shard_base(shard_index)}.stats.json"
 
     @property
-    def manifest_key(self) -> str:
-        """``{job_prefix}/manifest.parquet``."""
-        return f"{self.job_prefix}/manifest.parquet"
+    def manifest_prefix(self) -> str:
+        """``{job_prefix}/manifest/`` (with the trailing slash): the manifest's parts (:mod:`genimg.manifest`)."""
+        return f"{self.job_prefix}/manifest/"
+
+    def manifest_part_key(self, part: int) -> str:
+        """``{job_prefix}/manifest/part-{part:05d}.parquet``."""
+        if not 0 <= part < 10**5:
+            raise ValidationError(f"manifest part must be in 0..99999, got {part}")
+        return f"{self.manifest_prefix}part-{part:05d}.parquet"
+
+    def manifest_summary_key(self, part: int) -> str:
+        """``{job_prefix}/manifest/_part-{part:05d}.json`` — the part's summary, written after it."""
+        if not 0 <= part < 10**5:
+            raise ValidationError(f"manifest part must be in 0..99999, got {part}")
+        return f"{self.manifest_prefix}_part-{part:05d}.json"
 
     def shard_of_index_key(self, key: str) -> int | None:
         """The shard index if ``key`` is one of this job's shard index keys, else ``None``."""
@@ -678,6 +691,9 @@ def dedupe_index(table: pa.Table) -> pa.Table:
     """
     if table.num_rows == 0:
         return table
+    items = table["item_index"].to_numpy()
+    if bool(np.all(items[1:] > items[:-1])):
+        return table  # already one row per item, in order (shards read in order): nothing to sort
     rank = pc.if_else(pc.equal(table["status"], STATUS_OK), 0, 1)
     ranked = table.append_column("__rank", rank)
     order = pc.sort_indices(
@@ -691,106 +707,13 @@ def dedupe_index(table: pa.Table) -> pa.Table:
     return ranked.filter(pa.array(keep)).drop_columns(["__rank"])
 
 
-def build_manifest(store: ObjectStore, layout: Layout, *, write: bool = True) -> pa.Table:
-    """Concatenate the committed shard indexes into the job manifest.
-
-    Only shards with an index are read, so half-written shards never appear.
-    The result has one row per item (see :func:`dedupe_index`), sorted by item
-    index, and is written to ``{job_prefix}/manifest.parquet`` (deterministic
-    bytes) unless ``write=False``.
-
-    Returns:
-        The manifest (:data:`INDEX_SCHEMA`).
-
-    Raises:
-        ValidationError: a store for another bucket.
-        StorageUnavailableError: a retryable storage fault.
-        StorageError: an unreadable index, or another storage fault.
-    """
-    _check_bucket(store, layout)
-    shards = committed_shards(store, layout)
-    tables = [read_shard_index(store, layout, s) for s in shards]
-    table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-    manifest = dedupe_index(table).combine_chunks()
-    if write:
-        store.put_bytes(layout.manifest_key, index_to_parquet(manifest), "application/vnd.apache.parquet")
-    logger.info(
-        "built manifest job=%s shards=%d rows=%d duplicates_dropped=%d",
-        layout.job_id,
-        len(shards),
-        manifest.num_rows,
-        table.num_rows - manifest.num_rows,
-    )
-    return manifest
+_MOVED = ("build_manifest", "verify_manifest", "VerifyReport")
 
 
-@dataclass(frozen=True)
-class VerifyReport:
-    """Outcome of :func:`verify_manifest`.
+def __getattr__(name: str) -> Any:
+    """The manifest's builders moved to :mod:`genimg.manifest`; the old names still resolve."""
+    if name in _MOVED:
+        from genimg import manifest
 
-    Attributes:
-        checked: ok items whose bytes were read and hashed.
-        problems: one line per mismatch or missing object (empty when all good).
-    """
-
-    checked: int
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_manifest(
-    store: ObjectStore,
-    layout: Layout,
-    manifest: pa.Table | None = None,
-    *,
-    ranged: bool = True,
-) -> VerifyReport:
-    """Check every ok item's sha256 against the bytes at its ``tar_offset``/``tar_size``.
-
-    Args:
-        store: the job's bucket.
-        layout: the job's layout.
-        manifest: the rows to check; ``None`` reads ``manifest.parquet``.
-        ranged: one ranged GET per item (what a reader does); ``False``
-            downloads each tar once and slices it (fewer requests).
-
-    Returns:
-        Items checked and the problems found.
-
-    Raises:
-        StorageUnavailableError: a retryable storage fault.
-        StorageNotFoundError: ``manifest`` is None and no manifest exists.
-        StorageError: another storage fault.
-    """
-    _check_bucket(store, layout)
-    if manifest is None:
-        manifest = index_from_parquet(store.get_bytes(layout.manifest_key), source=layout.manifest_key)
-    rows = manifest.filter(pc.equal(manifest["status"], STATUS_OK)).to_pylist()
-    rows.sort(key=lambda r: (r["tar_key"], r["tar_offset"]))
-    problems: list[str] = []
-    current_key, current_tar = None, b""  # ranged=False keeps one tar in memory at a time
-    for row in rows:
-        tar_key, offset, size = row["tar_key"], row["tar_offset"], row["tar_size"]
-        try:
-            if ranged:
-                data = store.get_range(tar_key, offset, size)
-            else:
-                if tar_key != current_key:
-                    current_key, current_tar = tar_key, b""
-                    current_tar = store.get_bytes(tar_key)
-                data = current_tar[offset : offset + size]
-        except StorageUnavailableError:
-            raise
-        except StorageNotFoundError:
-            problems.append(f"item {row['item_index']}: {tar_key} is missing")
-            continue
-        except StorageError as e:
-            problems.append(f"item {row['item_index']}: {e}")
-            continue
-        if sha256_hex(data) != row["sha256"]:
-            problems.append(f"item {row['item_index']}: sha256 mismatch in {tar_key} at {offset}+{size}")
-    return VerifyReport(checked=len(rows), problems=problems)
-
+        return getattr(manifest, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

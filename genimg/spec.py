@@ -64,6 +64,12 @@ MAX_SHARD_SIZE: Final = 10_000
 MAX_SHARDS: Final = 1_000_000
 """Most shards (task messages) one job may enqueue; raise ``shard_size`` for bigger jobs."""
 MAX_SUB_BATCH_SIZE: Final = 256
+MANIFEST_PART_ROWS: Final = 100_000
+"""Rows a manifest part aims at when the job does not say (:func:`manifest_part_shards_for`)."""
+MAX_MANIFEST_PART_SHARDS: Final = 1_000
+"""Most shards one manifest part covers (:mod:`genimg.manifest`)."""
+MAX_MANIFEST_PARTS: Final = 100_000
+"""Most manifest parts of one job (``manifest/part-NNNNN.parquet``)."""
 """Most items per Triton request batch inside a shard."""
 DEFAULT_PROMPT_CHUNK_SIZE: Final = 1_000
 """Prompts per stored prompt chunk (``prompts/NNNNNNNNN.json``); worst case ~16 MB."""
@@ -339,6 +345,9 @@ class JobSpec(BaseModel):
         image_format: ``png``, ``webp`` or ``jpeg``.
         quality: 1..100, for lossy webp and jpeg (png ignores it).
         shard_size: items per shard, 1..10,000; at most ``MAX_SHARDS`` shards.
+        manifest_part_shards: shards per manifest part, 1..1,000 (:mod:`genimg.manifest`);
+            derived at submit from ``shard_size`` (:func:`manifest_part_shards_for`), stored so
+            that every worker and finaliser cuts the same parts; at most ``MAX_MANIFEST_PARTS`` parts.
         sub_batch_size: items per Triton request, 1..256.
         upscale: run the named profile (true) or its ``without_upscale`` variant (false).
         priority: 0..9, higher runs sooner; accepts ``low``/``normal``/``high``
@@ -365,6 +374,7 @@ class JobSpec(BaseModel):
     image_format: Literal["png", "webp", "jpeg"] = "png"
     quality: _Int = Field(default=95, ge=1, le=100)
     shard_size: _Int = Field(default=1_000, ge=1, le=MAX_SHARD_SIZE)
+    manifest_part_shards: _Int | None = Field(default=None, ge=1, le=MAX_MANIFEST_PART_SHARDS)
     sub_batch_size: _Int = Field(default=64, ge=1, le=MAX_SUB_BATCH_SIZE)
     upscale: Annotated[bool, Strict()] = True
     priority: _Priority = Field(default=PRIORITY_NAMES["normal"], ge=0, le=9)
@@ -451,6 +461,9 @@ class JobSpec(BaseModel):
                     raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if data.get("created_at") is None:
                 data["created_at"] = datetime.now(timezone.utc)
+            size = data.get("shard_size", 1_000)
+            if data.get("manifest_part_shards") is None and type(size) is int and size >= 1:
+                data["manifest_part_shards"] = manifest_part_shards_for(size)
             profile = data.get("profile")
             if isinstance(profile, ModelProfile) and profile.task == "text" \
                     and data.get("prompt_chunk_size") is None:
@@ -543,6 +556,10 @@ class JobSpec(BaseModel):
             raise _FieldError("shard_size", f"{total:,} items in shards of {self.shard_size:,} make "
                                             f"{shards:,} shards; the limit is {MAX_SHARDS:,}, so "
                                             "raise shard_size")
+        parts = -(-shards // (self.manifest_part_shards or manifest_part_shards_for(self.shard_size)))
+        if parts > MAX_MANIFEST_PARTS:
+            raise _FieldError("manifest_part_shards", f"{shards:,} shards make {parts:,} manifest parts; "
+                                                      f"the limit is {MAX_MANIFEST_PARTS:,}")
         if self.idempotency_key is not None and self.job_id != derive_job_id(self.idempotency_key):
             raise _FieldError("job_id", "does not match the idempotency key it must derive from")
         size = len(self.model_dump_json())
@@ -666,6 +683,14 @@ def plan_shards(total_items: int, shard_size: int) -> ShardPlan:
     _check_int(total_items, "total_items", 1, MAX_TOTAL_ITEMS)
     _check_int(shard_size, "shard_size", 1, MAX_SHARD_SIZE)
     return ShardPlan(int(total_items), int(shard_size))
+
+
+def manifest_part_shards_for(shard_size: int) -> int:
+    """Shards a manifest part covers by default: ``MANIFEST_PART_ROWS // shard_size``, in 1..1,000.
+
+    Shards of 1,000 items give parts of 100 shards (100,000 rows); shards of 100 or fewer, 1,000 shards.
+    """
+    return max(1, min(MAX_MANIFEST_PART_SHARDS, MANIFEST_PART_ROWS // max(1, int(shard_size))))
 
 
 def item_to_prompt_index(item_index: int, images_per_prompt: int) -> int:

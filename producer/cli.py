@@ -30,7 +30,7 @@ def _mount() -> None:
     from producer.commands import register
     from workers.cli import worker
 
-    register(app)  # submit, status, wait, cancel, resume, manifest, ls
+    register(app)  # submit, status, wait, cancel, resume, manifest, ls, plan
     __import__("producer.demo").demo.register(app)  # genimg local up/down/status/env, genimg demo
     app.add_typer(models_app, name="models")
     app.command("worker")(worker)

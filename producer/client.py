@@ -242,6 +242,7 @@ class Client:
         prompt_column: str | None = None,
         prompt_format: str | None = None,
         prompt_chunk_size: int | None = None,
+        manifest_part_shards: int | None = None,
     ) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
@@ -273,6 +274,8 @@ class Client:
             prompt_column: field/column of JSONL, CSV or Parquet prompts (default ``prompt``).
             prompt_format: ``text``, ``jsonl``, ``csv`` or ``parquet`` (default from the suffix).
             prompt_chunk_size: prompts per stored chunk (default 1,000).
+            manifest_part_shards: shards per manifest part, 1..1,000 (default: about 100,000
+                rows a part, see :func:`genimg.spec.manifest_part_shards_for`).
 
         Returns:
             The job's handle. With an idempotency key already claimed, the
@@ -307,6 +310,7 @@ class Client:
             "seed": seed, "image_format": image_format, "quality": quality, "shard_size": shard_size,
             "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
             "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
+            "manifest_part_shards": manifest_part_shards,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         txt = task == "text" and prompts is not None

@@ -1,4 +1,4 @@
-"""The producer's ``genimg`` sub-commands: submit, status, wait, cancel, resume, manifest, ls.
+"""The producer's ``genimg`` sub-commands: submit, status, wait, cancel, resume, manifest, ls, plan.
 
 Exit codes (every command):
 
@@ -295,7 +295,7 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
                                                               show_default=False)],
              output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
              queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
-    """Write a job's manifest (one row per item) to a local file.
+    """Write a job's manifest (one row per item) to a local file, streamed part by part.
 
     Example: genimg manifest 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --out manifest.parquet
     """
@@ -303,33 +303,47 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
     if suffix not in (".parquet", ".csv", ".jsonl"):
         raise ValidationError(f"must end in .parquet, .csv or .jsonl (got {str(out)!r})", field="out")
     with _client(redis_url, queue, key_prefix) as client:
-        table = client.job(job_id, output=output).manifest()
-    _write_table(table, out)
+        rows = _write_batches(client.job(job_id, output=output).iter_manifest(), out)
     if as_json:
-        _print_json({"job_id": job_id, "rows": table.num_rows, "out": str(out)})
+        _print_json({"job_id": job_id, "rows": rows, "out": str(out)})
     else:
-        _err(f"wrote {table.num_rows:,} rows to {out}")
+        _err(f"wrote {rows:,} rows to {out}")
 
 
-def _write_table(table: Any, out: Path) -> None:
+def _write_batches(batches: Any, out: Path) -> int:
+    """Write record batches to ``out`` (.parquet, .csv or .jsonl) through a temporary file; returns the rows.
+
+    Memory holds one batch at a time.
+    """
+    import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     tmp = out.with_name(f".{out.name}.tmp")
+    rows, writer, suffix = 0, None, out.suffix.lower()
     try:
-        if out.suffix.lower() == ".parquet":
-            pq.write_table(table, tmp)
-        elif out.suffix.lower() == ".csv":
-            import pyarrow.csv as pacsv
-
-            pacsv.write_csv(table, tmp)
-        else:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for row in table.to_pylist():
-                    f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        with open(tmp, "wb") as f:
+            try:
+                for batch in batches:
+                    if suffix == ".jsonl":
+                        f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                                        for row in batch.to_pylist()).encode("utf-8"))
+                    else:
+                        if writer is None:
+                            writer = (pq.ParquetWriter(f, batch.schema, compression="zstd") if suffix == ".parquet"
+                                      else pacsv.CSVWriter(f, batch.schema))
+                        writer.write_batch(batch)
+                    rows += batch.num_rows
+            finally:
+                if writer is not None:
+                    writer.close()
         tmp.replace(out)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise ValidationError(f"cannot write {str(out)!r}: {e.strerror}", field="out") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
 
 
 @_guarded
@@ -349,7 +363,93 @@ def ls(limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Most
             typer.echo(_status_line(st))
 
 
-COMMANDS: tuple[Callable[..., Any], ...] = (submit, status, wait, cancel, resume, manifest, ls)
+@_guarded
+def plan(
+    model: Annotated[str, typer.Option("--model", help="A model profile (genimg models list).", show_default=False)],
+    count: Annotated[int, typer.Option("--count", min=1, help="Images the job makes.", show_default=False)],
+    gpus_max: Annotated[Optional[int], typer.Option(
+        "--gpus-max", min=1, help="Most GPU pods (default: maxReplicaCount in deploy/k8s/overlays/gpu).")] = None,
+    images_per_s: Annotated[Optional[float], typer.Option(
+        "--images-per-s", min=0.001, help="Images/s of one GPU pod (a published or measured ceiling); default "
+        "the profile's measured figure in benchmarks/results/throughput.json.")] = None,
+    image_bytes: Annotated[Optional[float], typer.Option(
+        "--image-bytes", min=1, help="Mean bytes of one encoded image (default: measured).")] = None,
+    shard_size: Annotated[int, typer.Option("--shard-size", min=1, max=10_000, help="Images per shard.")] = 1_000,
+    node_start_s: Annotated[float, typer.Option(
+        "--node-start-s", min=0, help="Seconds from asking for a GPU pod to its first shard (node, image pull, "
+        "engines, Triton).")] = 420.0,
+    node_scale_down_s: Annotated[float, typer.Option(
+        "--node-scale-down-s", min=0, help="Seconds an empty GPU node stays (cluster autoscaler).")] = 600.0,
+    local_workers: Annotated[Optional[int], typer.Option(
+        "--local-workers", min=1, help="Plan for the local stack instead: this many workers sharing --cpus, "
+        "no autoscaling.")] = None,
+    cpus: Annotated[Optional[float], typer.Option("--cpus", min=0.1, help="CPUs of the local stack "
+                                                                          "(default: this machine's).")] = None,
+    as_json: JsonOut = False,
+) -> None:
+    """Estimate a job's wall time, GPU-hours, Redis and S3 request rates and output bytes before running it.
+
+    Example: genimg plan --model txt2img --count 100000000 --gpus-max 16 --images-per-s 900
+    """
+    import os
+    from dataclasses import replace
+
+    from genimg.plan import Keda, Load, Profile, keda_from_deploy, measured_profile, plan_job
+    from genimg.profiles import load_profiles
+    from genimg.spec import manifest_part_shards_for
+
+    profiles = load_profiles()
+    if model not in profiles.profiles:
+        raise ValidationError(f"no profile named {model!r} (genimg models list)", field="model")
+    text = profiles.profiles[model].task == "text"
+    measured = measured_profile(model)
+    if images_per_s is None and measured is None:
+        raise ValidationError(f"no measured throughput for {model!r}: give --images-per-s", field="images_per_s")
+    prof = measured or Profile(images_per_s=float(images_per_s or 1.0), text=text)
+    prof = replace(prof, text=text, **({"images_per_s": images_per_s, "cpu_s_per_image": None,
+                                        "source": "--images-per-s"} if images_per_s else {}),
+                   **({"image_bytes": image_bytes} if image_bytes else {}))
+    if local_workers:
+        keda = Keda(max_pods=local_workers, concurrency=1, node_start_s=0.0, node_scale_down_s=0.0,
+                    source="local stack: workers of concurrency 1, no autoscaling")
+        result = plan_job(Load(model, count, shard_size, prof), keda, part_shards=manifest_part_shards_for(shard_size),
+                          cpus=cpus or float(os.cpu_count() or 1), autoscale=False)
+    else:
+        keda = replace(keda_from_deploy(), node_start_s=node_start_s, node_scale_down_s=node_scale_down_s)
+        if gpus_max:
+            keda = replace(keda, max_pods=gpus_max)
+        result = plan_job(Load(model, count, shard_size, replace(prof, cpu_s_per_image=None)), keda,
+                          part_shards=manifest_part_shards_for(shard_size))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    r = result
+    lines = [
+        f"job: {count:,} images of {model} in {r.shards:,} shards of {shard_size:,}; {r.pods_peak} "
+        f"{'workers' if local_workers else 'GPU pods'} at most",
+        f"throughput: {prof.images_per_s:,.1f} images/s per {'worker' if local_workers else 'pod'} ({prof.source}); "
+        f"steady {r.images_per_s_steady:,.1f} images/s",
+        f"wall time: {_hms(r.wall_s)} (submit {_hms(r.submit_s)}, first shard at {_hms(r.first_image_s)}, "
+        f"last shard at {_hms(r.work_end_s)}, finalise {r.finalise_s:.0f} s); a shard ~{r.shard_seconds:.0f} s",
+        f"GPU-hours: {r.gpu_hours_billed:,.1f} billed (node start-up, tail and scale-in included), "
+        f"{r.gpu_hours_busy:,.1f} busy" if not local_workers else "GPU-hours: none (local stack)",
+        f"Redis: {r.redis_commands_per_s:,.0f} commands/s, peak {r.redis_peak_bytes / 2**20:,.0f} MiB (queue + done-hash)",
+        "S3: " + ", ".join(f"{k} {v:,.1f}/s" for k, v in r.s3_requests_per_s.items()),
+        f"output: {r.output_bytes / 2**30:,.2f} GiB (tars, indexes, manifest)",
+        f"autoscaling: {keda.source}",
+        *(f"warning: {w}" for w in r.warnings),
+    ]
+    typer.echo("\n".join(lines))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+COMMANDS: tuple[Callable[..., Any], ...] = (submit, status, wait, cancel, resume, manifest, ls, plan)
 
 
 def register(app: typer.Typer) -> None:

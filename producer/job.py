@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from genimg import jobs
+from genimg import manifest as manifests
 from genimg.errors import GenImgError, StorageError, StorageNotFoundError
-from genimg.jobs import SPEC_OBJECT
-from genimg.shards import Layout, build_manifest, committed_shards, index_from_parquet, read_shard_index
+from genimg.jobs import SPEC_OBJECT, SUCCESS_OBJECT
+from genimg.manifest import ManifestTooLargeError, PartPlan, job_schema
+from genimg.shards import Layout, committed_shards, read_shard_index
 from genimg.spec import JobSpec
 from genimg.stores import ManagedStore
 
@@ -169,7 +172,7 @@ class Job:
 
         When every shard is committed or failed but no ``_SUCCESS`` summary
         exists yet (e.g. the last worker died after its commit), this writes
-        ``manifest.parquet`` and ``_SUCCESS`` itself.
+        the manifest's missing parts and ``_SUCCESS`` itself.
 
         Args:
             progress: draw a progress bar on stderr (images, images/s, ETA, failures).
@@ -235,9 +238,11 @@ class Job:
         """Re-enqueue every shard with no committed index in storage, whatever Redis lost.
 
         Storage is the truth: the spec is restored into Redis from
-        ``job.json``; the done-hash is rebuilt from the committed shards'
-        stats; a ``cancelled`` state, failure records, stale running records
-        and the reconciler's re-enqueue counts of uncommitted shards are cleared; then one message per
+        ``job.json``; the done-hash (and its item totals) is rebuilt from the
+        committed shards' stats; a ``cancelled`` state, failure records, stale
+        running records and the reconciler's re-enqueue counts of uncommitted
+        shards are cleared, as are ``_SUCCESS`` and the manifest parts of their
+        ranges; then one message per
         uncommitted shard is enqueued. A shard that is still queued from
         before may thus run twice; the second run finds it committed and
         skips it. When nothing is left to do, the job is finalised.
@@ -269,6 +274,9 @@ class Job:
         committed_set = set(committed)
         todo = [s for s in range(spec.shard_plan().num_shards) if s not in committed_set]
 
+        if todo:  # the parts of these shards' ranges and _SUCCESS are out of date once they run
+            store.delete_prefix(f"{layout.job_prefix}/{SUCCESS_OBJECT}")
+            manifests.invalidate_parts(store, layout, PartPlan.for_spec(spec), todo)
         pipe = r.pipeline()
         pipe.delete(keys.job(self.job_id, "state"))
         if todo:
@@ -280,6 +288,7 @@ class Job:
                 pipe.hdel(keys.job(self.job_id, "done"), *part)  # its index is gone: not done
                 pipe.hdel(keys.job(self.job_id, "healed"), *part)  # the reconciler's count starts afresh
         self._client.redis_call("reset job state", pipe.execute)
+        jobs.recount_totals(r, keys, self.job_id)
 
         if not todo:
             jobs.finalize_if_complete(r, keys, store, layout, spec)
@@ -311,20 +320,46 @@ class Job:
 
     # ---- results
 
-    def manifest(self) -> pa.Table:
-        """The job's manifest: ``manifest.parquet`` if written, else built from the committed shards.
+    @property
+    def manifest_url(self) -> str:
+        """``{output}/{job_id}/manifest/``: the manifest's Parquet parts, readable as one dataset."""
+        return f"{self.spec.job_prefix}/manifest/"
 
-        One row per item (ok or failed) in :data:`genimg.shards.INDEX_SCHEMA`.
+    def manifest(self, max_rows: int = manifests.TABLE_MAX_ROWS) -> pa.Table:
+        """The job's manifest as one in-memory table, for jobs of at most ``max_rows`` items.
+
+        One row per item (ok or failed), sorted by item index:
+        :data:`genimg.shards.INDEX_SCHEMA`'s columns, then the profile's
+        metadata columns. Parts already written are read; those of a running
+        job are built from its committed shards (nothing is written). Bigger
+        jobs: :meth:`iter_manifest`, or read :attr:`manifest_url` as a dataset.
 
         Raises:
+            ManifestTooLargeError: the job plans more than ``max_rows`` items.
             StorageError: storage is unreachable, or an index is unreadable.
         """
+        spec = self.spec
+        if spec.total_items > max_rows:
+            raise ManifestTooLargeError(f"job {self.job_id} has {spec.total_items:,} items, more than "
+                                        f"{max_rows:,} for one table; use Job.iter_manifest() or read "
+                                        f"{self.manifest_url} as a dataset", field="max_rows")
         store, layout = self._store()
-        try:
-            data = store.get_bytes(layout.manifest_key)
-        except StorageNotFoundError:
-            return build_manifest(store, layout, write=False)
-        return index_from_parquet(data, source=layout.manifest_key)
+        return manifests.read_table(store, layout, PartPlan.for_spec(spec), schema=job_schema(spec),
+                                    max_rows=max_rows)
+
+    def iter_manifest(self, batch_rows: int = manifests.BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """Stream the manifest as record batches of at most ``batch_rows`` rows, in item order.
+
+        Memory stays bounded by a few manifest parts (~100,000 rows each)
+        whatever the job's size. Rows and columns as :meth:`manifest`.
+
+        Raises:
+            StorageError: storage is unreachable, or a part or index is unreadable.
+        """
+        spec = self.spec
+        store, layout = self._store()
+        yield from manifests.iter_batches(store, layout, PartPlan.for_spec(spec), schema=job_schema(spec),
+                                          batch_rows=batch_rows)
 
 
 def _sleep_until_next_poll(deadline: float | None, poll_s: float, job_id: str) -> None:

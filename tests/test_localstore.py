@@ -100,7 +100,7 @@ def test_the_shard_protocol_commits_and_verifies_on_a_file_store(tmp_path: Path)
     manifest = build_manifest(store, layout)
     assert manifest.num_rows == 6
     assert verify_manifest(store, layout).ok
-    assert (tmp_path / "out" / layout.job_id / "manifest.parquet").is_file()
+    assert (tmp_path / "out" / layout.job_id / "manifest" / "part-00000.parquet").is_file()
 
 
 def test_open_store_picks_a_file_store_for_file_urls_and_an_s3_store_for_s3_urls(tmp_path: Path):

@@ -339,7 +339,7 @@ def test_resume_of_a_fully_committed_job_enqueues_nothing_and_writes_the_manifes
     env.forget_job(job.job_id)
     assert job.resume() == 0
     assert env.messages() == []
-    assert f"runs/{job.job_id}/manifest.parquet" in env.stored_keys()
+    assert f"runs/{job.job_id}/manifest/part-00000.parquet" in env.stored_keys()
     assert job.status().state == "succeeded"
 
 
@@ -373,7 +373,7 @@ def test_manifest_of_a_running_job_holds_the_committed_shards_only(producer_env:
     commit(env, job.spec, 2)
     table = job.manifest()
     assert table.column("item_index").to_pylist() == list(range(20, 30))
-    assert f"runs/{job.job_id}/manifest.parquet" not in env.stored_keys()
+    assert f"runs/{job.job_id}/manifest/part-00000.parquet" not in env.stored_keys()
 
 
 def test_jobs_lists_the_most_recent_jobs_first(producer_env: ProducerEnv):

@@ -69,7 +69,9 @@ def test_layout_keys_follow_the_documented_output_layout():
     assert lay.tar_key(42) == f"datasets/{JOB_ID}/shards/000042.tar"
     assert lay.index_key(42) == f"datasets/{JOB_ID}/shards/000042.parquet"
     assert lay.stats_key(42) == f"datasets/{JOB_ID}/shards/000042.stats.json"
-    assert lay.manifest_key == f"datasets/{JOB_ID}/manifest.parquet"
+    assert lay.manifest_prefix == f"datasets/{JOB_ID}/manifest/"
+    assert lay.manifest_part_key(3) == f"datasets/{JOB_ID}/manifest/part-00003.parquet"
+    assert lay.manifest_summary_key(3) == f"datasets/{JOB_ID}/manifest/_part-00003.json"
     assert lay.shard_of_index_key(lay.index_key(42)) == 42
     assert lay.shard_of_index_key(lay.stats_key(42)) is None
     assert Layout.from_url("s3://my-bucket", JOB_ID).tar_key(0) == f"{JOB_ID}/shards/000000.tar"
@@ -264,7 +266,7 @@ def test_manifest_has_one_row_per_item_when_a_shard_is_committed_twice(s3_store,
     assert manifest["item_index"].to_pylist() == list(range(8))
     assert manifest["status"].to_pylist().count("failed") == 1
     assert manifest.schema.equals(INDEX_SCHEMA)
-    assert index_from_parquet(s3_store.get_bytes(layout.manifest_key)).equals(manifest)
+    assert index_from_parquet(s3_store.get_bytes(layout.manifest_part_key(0))).equals(manifest)
 
 
 def test_manifest_keeps_one_row_per_item_preferring_ok_when_an_item_is_in_two_shards(s3_store, layout):
@@ -280,9 +282,9 @@ def test_manifest_bytes_are_identical_when_built_twice(s3_store, layout):
     commit_shard(s3_store, layout, 2, make_items(range(20, 25)))
     commit_shard(s3_store, layout, 0, make_items(range(0, 5)))
     build_manifest(s3_store, layout)
-    first = s3_store.get_bytes(layout.manifest_key)
+    first = s3_store.get_bytes(layout.manifest_part_key(0))
     build_manifest(s3_store, layout)
-    assert s3_store.get_bytes(layout.manifest_key) == first
+    assert s3_store.get_bytes(layout.manifest_part_key(0)) == first
     assert read_shard_index(s3_store, layout, 2)["item_index"].to_pylist() == list(range(20, 25))
 
 

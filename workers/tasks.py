@@ -90,6 +90,7 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
             done = result_from_index(spec, shard_index, read_shard_index(store, layout, shard_index))
             if jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, done.items_ok, done.items_failed):
                 count_committed(done, spec.image_format)  # its run died between commit and count
+            _compact(ctx, store, layout, spec, shard_index)
             jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
             return {"status": "already_committed", **fields}
         jobs.mark_running(ctx.redis, ctx.keys, job_id, shard_index, ctx.hostname)
@@ -104,6 +105,7 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
             count_committed(result, spec.image_format)
         log.info("shard committed ok=%d failed=%d seconds=%.2f", result.items_ok, result.items_failed,
                  result.seconds["shard"], extra=fields)
+        _compact(ctx, store, layout, spec, shard_index)
         jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
         return {"status": "committed", "ok": result.items_ok, "failed": result.items_failed, **fields}
     except (RetryableError, SoftTimeLimitExceeded) as e:
@@ -123,6 +125,15 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         raise self.retry(exc=e, countdown=countdown, kwargs={"retry_since": since}) from None
     except (PermanentError, GenImgError) as e:
         return _fail(ctx, spec, shard_index, _reason(e), e)
+
+
+def _compact(ctx, store, layout, spec, shard_index: int) -> None:
+    """Write the manifest part of a range this shard completed; the finaliser writes it if this fails."""
+    try:
+        jobs.compact_part_if_complete(ctx.redis, ctx.keys, store, layout, spec, shard_index)
+    except GenImgError as e:
+        log.warning("manifest part not compacted (the finaliser will write it): %s", e,
+                    extra={"job_id": spec.job_id, "shard": shard_index})
 
 
 def _fail(ctx, spec, shard_index: int, reason: str, e: BaseException, detail: str = "") -> dict:

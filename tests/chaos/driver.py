@@ -620,9 +620,10 @@ def check_output(store: S3Store, reference: JobSpec, result: JobSpec) -> dict[st
 
 
 def read_manifest(store: S3Store, layout: Layout):
-    from genimg.shards import index_from_parquet
+    """Every written manifest part, concatenated (the job's whole manifest once it is finalised)."""
+    from genimg.manifest import read_table
 
-    return index_from_parquet(store.get_bytes(layout.manifest_key), source=layout.manifest_key)
+    return read_table(store, layout)
 
 
 def prometheus_totals(metrics_dirs: list[Path]) -> dict[str, float]:
