@@ -42,7 +42,7 @@ def test_the_example_scrape_config_is_valid_and_names_the_jobs_the_rules_select(
     proc = _promtool(promtool, "check", "config", str(SCRAPE_CONFIG))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     jobs = {j["job_name"] for j in yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]}
-    assert jobs == {"genimg-worker", "genimg-exporter", "triton"}
+    assert jobs == {"genimg-worker", "genimg-exporter", "genimg-reconciler", "triton"}
     text = RULES.read_text()
     for job in jobs:
         assert f'job="{job}"' in text
