@@ -93,6 +93,10 @@ class Services:
 def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     if not ENABLED:
         pytest.skip(SKIP_REASON)
+    # An earlier run killed mid-way (CI timeout, kill -9) can leave its own containers holding the ports.
+    leftovers = podman("ps", "-a", "--filter", "name=^genimg-check-", "--format", "{{.Names}}", check=False)
+    if leftovers.returncode == 0 and leftovers.stdout.split():
+        podman("rm", "-f", "-t", "0", *leftovers.stdout.split(), check=False)
     busy = [p for p in HOST_PORTS if not port_free(p)]
     assert not busy, f"ports {busy} are taken on 127.0.0.1; the containers use the manifests' ports"
     for image in IMAGES.values():

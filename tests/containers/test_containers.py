@@ -76,22 +76,24 @@ def stack(objs, worker_pod, services, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pod")
     names = ["genimg-check-triton", "genimg-check-worker"]
     podman("rm", "-f", *names, check=False)
-    triton = kube.container(worker_pod, "triton")
-    podman("run", "-d", *_container_args(objs, worker_pod, "triton", services, tmp))
-    port, path = http_port(triton, "startupProbe")
-    probe = triton["startupProbe"]
-    wait_for(lambda: http_ok(f"http://127.0.0.1:{port}{path}") or _exited("genimg-check-triton"),
-             probe["periodSeconds"] * probe["failureThreshold"], "Triton's startup probe")
-    assert not _exited("genimg-check-triton"), podman("logs", "genimg-check-triton").stderr[-3000:]
-    podman("run", "-d", *_container_args(objs, worker_pod, "worker", services, tmp))
-    worker = kube.container(worker_pod, "worker")
-    ready = worker["readinessProbe"]["exec"]["command"]
-    wait_for(lambda: podman("exec", "genimg-check-worker", *ready, check=False).returncode == 0
-             or _exited("genimg-check-worker"), 120, "the worker's readiness probe")
-    assert not _exited("genimg-check-worker"), podman("logs", "genimg-check-worker").stderr[-3000:]
-    yield {"triton": triton, "worker": worker}
-    save_logs(*names)
-    podman("rm", "-f", "-t", "5", *names, check=False)
+    try:  # removed even when start-up fails, so a failed run leaves no container holding the ports
+        triton = kube.container(worker_pod, "triton")
+        podman("run", "-d", *_container_args(objs, worker_pod, "triton", services, tmp))
+        port, path = http_port(triton, "startupProbe")
+        probe = triton["startupProbe"]
+        wait_for(lambda: http_ok(f"http://127.0.0.1:{port}{path}") or _exited("genimg-check-triton"),
+                 probe["periodSeconds"] * probe["failureThreshold"], "Triton's startup probe")
+        assert not _exited("genimg-check-triton"), podman("logs", "genimg-check-triton").stderr[-3000:]
+        podman("run", "-d", *_container_args(objs, worker_pod, "worker", services, tmp))
+        worker = kube.container(worker_pod, "worker")
+        ready = worker["readinessProbe"]["exec"]["command"]
+        wait_for(lambda: podman("exec", "genimg-check-worker", *ready, check=False).returncode == 0
+                 or _exited("genimg-check-worker"), 120, "the worker's readiness probe")
+        assert not _exited("genimg-check-worker"), podman("logs", "genimg-check-worker").stderr[-3000:]
+        yield {"triton": triton, "worker": worker}
+    finally:
+        save_logs(*names)
+        podman("rm", "-f", "-t", "5", *names, check=False)
 
 
 def _exited(name: str) -> bool:
