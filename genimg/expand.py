@@ -62,6 +62,13 @@ MAX_WILDCARD_BYTES = 8 * 1024 * 1024
 """Largest wildcard file, in bytes."""
 WILDCARDS_OBJECT = "inputs/wildcards.json"
 """Key of the stored wildcard options under the job's prefix: ``{name: [option, ...]}``."""
+EXPANSION_COLUMNS = {"source_prompt": "str", "revised_prompt": "str", "expander": "str",
+                     "expander_version": "str", "expand_tokens": "int"}
+"""Index, manifest and per-item JSON columns of a job with ``expand``: the job's prompt, the prompt the
+image model saw, the expander (``template`` without a language model) and its version hash, and the
+tokens the language model wrote (0 for templates)."""
+TEMPLATE_EXPANDER = "template"
+"""The ``expander`` of a job that expands templates without a language model."""
 PROMPT_SLOT = "prompt"
 """``{prompt}`` in a template is the item's source prompt."""
 _WILDCARD_RE = re.compile(r"__([A-Za-z0-9](?:[A-Za-z0-9.-]|_(?!_))*)__")
@@ -427,3 +434,138 @@ def check_revised(text: str, limit_chars: int) -> str | None:
     if len(text) > limit_chars:
         return f"the expansion is {len(text):,} characters; the prompt limit is {limit_chars:,}"
     return None
+
+
+EXPAND_BATCH = 16
+"""Expansions per request to the language model (one ONNX Runtime batch inside the model)."""
+RETRY_SEED_SALT = 0x9E3779B97F4A7C15
+"""An expansion that comes back empty or too long is asked for once more with ``seed ^ RETRY_SEED_SALT``."""
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One unit's expansion: the revised prompt, or the reason it failed; tokens the LM wrote."""
+
+    templated: str
+    revised: str | None
+    reason: str | None = None
+    tokens: int = 0
+
+
+class ShardExpander:
+    """The expansions of one shard's units, computed in order by one background thread.
+
+    Every distinct unit of the shard (:func:`unit_of`) is templated at once
+    (cheap) and, with a language model, sent in requests of :data:`EXPAND_BATCH`
+    units, in unit order, by a single thread started here. The image requests
+    ask for their units with :meth:`get`, which waits only for the requests
+    that hold them: the first image sub-batch is generated while later units
+    are still being expanded. Everything depends on (template, source prompt,
+    unit seed, options, served model) only, so a retried shard gets the same texts.
+
+    Args:
+        spec: the job (``spec.expand`` set).
+        item_indices: the shard's items, int64 [N].
+        source_prompts: each item's source prompt.
+        infer: ``(model, inputs, outputs) -> outputs``.
+        wildcards: the job's wildcard options (``inputs/wildcards.json``).
+        on_expanded: called with ``(tokens, seconds)`` per expansion (metrics).
+    """
+
+    def __init__(self, spec, item_indices, source_prompts: Sequence[str | None], infer,
+                 wildcards: Mapping[str, Sequence[str]], on_expanded=None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from genimg.seeds import item_seeds
+        from genimg.spec import MAX_PROMPT_CHARS
+
+        opts: ExpandSpec = spec.expand
+        self.opts, self.infer, self.limit = opts, infer, MAX_PROMPT_CHARS
+        self.on_expanded = on_expanded or (lambda tokens, seconds: None)
+        template = opts.parsed
+        self.item_units = [unit_of(int(i), spec.images_per_prompt, opts.per) for i in item_indices]
+        first: dict[int, str] = {}
+        for u, p in zip(self.item_units, source_prompts):
+            first.setdefault(u, p or "")
+        units = list(first)
+        seeds = item_seeds(spec.seed, np.array(units, dtype=np.int64)) if units else np.zeros(0, np.uint64)
+        self.seeds = {u: int(s) for u, s in zip(units, seeds)}
+        self.templated = {u: template.render(first[u], self.seeds[u], wildcards) for u in units}
+        self.seconds = 0.0
+        self._futures: dict[int, object] = {}
+        self._pool = None
+        if not opts.uses_model:
+            for u in units:
+                reason = check_revised(self.templated[u], self.limit)
+                self._futures[u] = _done(Expansion(self.templated[u], None if reason else self.templated[u],
+                                                   _reason_name(reason)))
+            return
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expand")
+        for i in range(0, len(units), EXPAND_BATCH):
+            chunk = units[i:i + EXPAND_BATCH]
+            fut = self._pool.submit(self._expand, chunk)
+            for u in chunk:
+                self._futures[u] = fut
+
+    def _request(self, units: list[int], seeds: list[int]) -> tuple[list[str], list[int]]:
+        import time
+
+        n = len(units)
+        t = time.perf_counter()
+        out = self.infer(self.opts.model, {
+            "TEXT": [self.templated[u] for u in units],
+            "INSTRUCTION": [self.opts.instruction] * n,
+            "SEED": np.array(seeds, dtype=np.uint64).reshape(n, 1),
+            "MAX_NEW_TOKENS": np.full((n, 1), self.opts.max_new_tokens, dtype=np.int32),
+            "TEMPERATURE": np.full((n, 1), self.opts.temperature, dtype=np.float32),
+        }, ["DESCRIPTION", "TOKENS"])
+        seconds = time.perf_counter() - t
+        self.seconds += seconds
+        texts = [bytes(b).decode("utf-8", errors="replace") for b in out["DESCRIPTION"].reshape(-1)]
+        tokens = [int(x) for x in out["TOKENS"].reshape(-1)]
+        for k in tokens:
+            self.on_expanded(k, seconds / n)
+        return texts, tokens
+
+    def _expand(self, units: list[int]) -> dict[int, Expansion]:
+        texts, tokens = self._request(units, [self.seeds[u] for u in units])
+        result = {u: (t, k, check_revised(t, self.limit)) for u, t, k in zip(units, texts, tokens)}
+        again = [u for u in units if result[u][2] is not None]
+        if again:  # once more with a derived seed (deterministic: a retried shard asks the same)
+            texts, tokens = self._request(again, [self.seeds[u] ^ RETRY_SEED_SALT for u in again])
+            for u, t, k in zip(again, texts, tokens):
+                result[u] = (t, k, check_revised(t, self.limit))
+        return {u: Expansion(self.templated[u], None if why else t, _reason_name(why), k)
+                for u, (t, k, why) in result.items()}
+
+    def get(self, item_positions: Sequence[int]) -> list[Expansion]:
+        """The expansions of the shard's items at ``item_positions`` (waits for their requests).
+
+        Raises:
+            whatever the language model's inference raised (RetryableError or PermanentError subclasses).
+        """
+        out = []
+        for j in item_positions:
+            u = self.item_units[j]
+            value = self._futures[u].result()
+            out.append(value[u] if isinstance(value, dict) else value)
+        return out
+
+    def close(self) -> None:
+        """Stop the expansion thread (pending requests are cancelled)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _done(value):
+    from concurrent.futures import Future
+
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _reason_name(why: str | None) -> str | None:
+    if why is None:
+        return None
+    return "expansion_empty" if "empty" in why else "expansion_too_long"

@@ -597,6 +597,18 @@ class JobSpec(BaseModel):
         """URL under which the prompt chunks live (``{job_prefix}/prompts``)."""
         return f"{self.job_prefix}/prompts"
 
+    @property
+    def metadata_columns(self) -> dict[str, str]:
+        """The job's per-item columns after the index's own: the profile's metadata, then the expansion's.
+
+        Column name → declared type (``int``, ``float``, ``bool``, ``str``), in order
+        (:func:`genimg.shards.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
+        """
+        from genimg.expand import EXPANSION_COLUMNS
+
+        columns = {c: m.type for c, m in self.profile.metadata.items()}
+        return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
+
     def shard_plan(self) -> ShardPlan:
         """The job's shards (see :func:`plan_shards`)."""
         return plan_shards(self.total_items, self.shard_size)

@@ -40,11 +40,14 @@ def required_models() -> list[str]:
 
     Used by the consumer gate (:mod:`workers.gate`), the per-process context
     and ``genimg worker --check``: every model of every profile in ``GENIMG_PROFILES_DIR``
-    (the bundled profiles by default), prompt stages included.
+    (the bundled profiles by default), prompt stages included, and the prompt expander
+    (``prompt_expander``, for jobs with ``expand``; ``build-repo`` writes it by default).
     """
     from genimg.profiles import load_profiles
+    from genimg.triton.contract import EXPANDER
 
-    return load_profiles().triton_models()
+    models = load_profiles().triton_models()
+    return models if EXPANDER.name in models else [*models, EXPANDER.name]
 
 
 def _add_gate() -> None:

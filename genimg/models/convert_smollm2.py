@@ -29,8 +29,8 @@ rendered around a placeholder: ``prefix``, ``suffix``, ``stop_ids``), which the
 Triton model ``prompt_expander`` (``genimg/triton/backend/prompt_expander.py``)
 reads.
 
-The served file is int8: ONNX Runtime's dynamic quantisation of the float32
-export's MatMul and Gather weights (:func:`quantize`).
+The served file has 8-bit weights: ONNX Runtime's ``MatMulNBits`` quantisation
+of the float32 export's MatMul weights (:func:`quantize`).
 
 Parity: the float32 ONNX step (prefill, then one cached step) against transformers'
 own ``LlamaForCausalLM`` forward on the same tokens: max abs difference of the
@@ -61,7 +61,9 @@ LOGITS_TOL = 2e-3
 """Largest logit difference (ONNX Runtime vs transformers, float32) the parity check accepts."""
 PARITY_TOKENS = 12
 """Greedy tokens that must match transformers' own generation."""
-INT8_MIN_AGREEMENT = 0.7
+QUANT_BLOCK = 32
+"""Weights per quantisation block (the GGUF's Q4_1 blocks are 32 too)."""
+INT8_MIN_AGREEMENT = 0.9
 """Least share of teacher-forced positions where the int8 model's top token must equal float32's."""
 SYSTEM_PROMPT = "You write short, vivid descriptions of pictures."
 """The system message of every expansion (replaces the template's default system prompt)."""
@@ -240,22 +242,20 @@ def convert(files: dict[str, Path], out: Path) -> dict:
 
 
 def quantize(fp32: Path, out: Path) -> None:
-    """ONNX Runtime's dynamic int8 quantisation of every MatMul and Gather weight (per tensor, symmetric).
+    """8-bit weight-only quantisation of every MatMul (``MatMulNBits``: blocks of 32, asymmetric).
 
-    The GGUF weights are 4-bit already, so int8 loses little; it makes the file 4x smaller
-    (650 → 164 MB) and decoding 2-3x faster on CPU.
+    ONNX Runtime's MLAS kernel at ``accuracy_level`` 4 computes with int8 activations quantised per
+    block of 32, which keeps the top tokens of float32 (per-tensor dynamic quantisation, tried first,
+    agreed on only half of them; 4-bit weights likewise). The embedding stays float32. The file is
+    2.5x smaller (650 → 256 MB) and decoding 2-3x faster on CPU than float32.
     """
-    import logging
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic warns about pre-processing on the root logger
-    try:
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
-    finally:
-        root.setLevel(level)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32)), block_size=QUANT_BLOCK, is_symmetric=False, bits=8,
+                                     accuracy_level=4)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
 @torch.no_grad()
@@ -283,7 +283,7 @@ def int8_agreement(onnx_path: Path, model, tok, chat: dict, n_tokens: int = 20) 
     agreement = sum(got) / len(got)
     if agreement < INT8_MIN_AGREEMENT:
         raise ModelError(f"smollm2: the int8 model agrees with float32 on {agreement:.0%} of top tokens")
-    return {"int8_top1_agreement": agreement, "onnx_weights": "int8 (dynamic quantisation)"}
+    return {"int8_top1_agreement": agreement, "onnx_weights": "MatMulNBits 8-bit, block 32, accuracy level 4"}
 
 
 @torch.no_grad()

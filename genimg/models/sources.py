@@ -122,7 +122,7 @@ def _smollm2() -> ModelSource:
         inputs=(TensorSpec("input_ids", "int64", (None, None)), TensorSpec("position_ids", "int64", (None, None)),
                 TensorSpec("attention_mask", "int64", (None, None)), *past),
         outputs=(TensorSpec("logits", "float32", (None, VOCAB)), *present),
-        description="SmolLM2-135M-Instruct decoder step with KV cache (int8 weights): the prompt expander's LM",
+        description="SmolLM2-135M-Instruct decoder step with KV cache (8-bit weights): the prompt expander's LM",
         data="SmolLM2 corpus (FineWeb-Edu, DCLM, The Stack, ...) and instruction tuning, per HuggingFaceTB",
         extra_files=("tokenizer.json", "chat.json"),
     )
