@@ -41,13 +41,14 @@ def required_models() -> list[str]:
     Used by the consumer gate (:mod:`workers.gate`), the per-process context
     and ``genimg worker --check``: every model of every profile in ``GENIMG_PROFILES_DIR``
     (the bundled profiles by default), prompt stages included, and the prompt expander
-    (``prompt_expander``, for jobs with ``expand``; ``build-repo`` writes it by default).
+    ``GENIMG_TRITON_EXPANDER`` (default ``prompt_expander``, which ``build-repo`` writes unless
+    ``--no-expander``/``--profiles-only``; empty: none).
     """
     from genimg.profiles import load_profiles
-    from genimg.triton.contract import EXPANDER
 
     models = load_profiles().triton_models()
-    return models if EXPANDER.name in models else [*models, EXPANDER.name]
+    expander = TritonSettings.from_env().triton_expander
+    return models if not expander or expander in models else [*models, expander]
 
 
 def _add_gate() -> None:
