@@ -130,7 +130,10 @@ def test_cli_bad_expand_options_exit_2_naming_the_field(shared_producer_env: Pro
     assert env.stored_keys() == [] and env.messages() == []
 
 
-def test_workers_wait_for_the_prompt_expander():
+def test_workers_wait_for_the_prompt_expander_unless_told_none(monkeypatch: pytest.MonkeyPatch):
     from workers.app import required_models
 
+    monkeypatch.delenv("GENIMG_TRITON_EXPANDER", raising=False)
     assert "prompt_expander" in required_models()
+    monkeypatch.setenv("GENIMG_TRITON_EXPANDER", "")
+    assert "prompt_expander" not in required_models()

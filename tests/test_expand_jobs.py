@@ -33,7 +33,8 @@ def _expand(client, texts: list[str], seeds: list[int], max_new_tokens: int = 24
         "TEMPERATURE": np.full((n, 1), temperature, dtype=np.float32)})
 
 
-def test_the_expander_writes_a_description_the_same_for_the_same_text_seed_and_settings(triton_server):
+def test_the_expander_writes_a_description_the_same_for_the_same_text_seed_and_settings(expander_served):
+    triton_server = expander_served
     from genimg.triton.client import InferenceClient
 
     with InferenceClient(triton_server.urls["grpc"], "grpc", timeout_s=120) as c:
@@ -60,7 +61,8 @@ def _tar(store, layout: Layout, shard: int) -> dict[str, bytes]:
 
 
 def test_a_job_of_100_texts_x_2_images_is_described_by_the_lm_and_a_rerun_shard_is_identical(
-        stack, s3_bucket, triton_server, tmp_path: Path):
+        stack, s3_bucket, expander_served, tmp_path: Path):
+    triton_server = expander_served
     from genimg.pipeline import Infer, run_shard
     from genimg.triton.client import InferenceClient
     from producer import Client
