@@ -281,6 +281,7 @@ def contact_sheet(
     caption_lines: int = 2,
     padding_px: int = 4,
     font_size_px: int = 11,
+    min_cell_width_px: int = 0,
 ) -> Image.Image:
     """Lay images out on a grid with each caption (e.g. the prompt) written under its image.
 
@@ -296,6 +297,7 @@ def contact_sheet(
         caption_lines: lines of text reserved under each image.
         padding_px: gap around each cell, in pixels.
         font_size_px: size of the default font, in pixels.
+        min_cell_width_px: cells are at least this wide (room for long captions, e.g. revised prompts).
 
     Returns:
         An RGB ``PIL.Image.Image`` on a white background.
@@ -311,7 +313,7 @@ def contact_sheet(
     if captions is not None and len(captions) != len(images):
         raise ValidationError(f"{len(captions)} captions for {len(images)} images", field="captions")
     tiles = [_as_pil(im).convert("RGB") for im in images]
-    cell_w = max(t.width for t in tiles)
+    cell_w = max(max(t.width for t in tiles), min_cell_width_px)
     cell_h = max(t.height for t in tiles)
     font = ImageFont.load_default(size=font_size_px)
     freetype = isinstance(font, ImageFont.FreeTypeFont)

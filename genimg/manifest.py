@@ -96,7 +96,7 @@ part_shards_for = manifest_part_shards_for
 
 def job_schema(spec: JobSpec) -> pa.Schema:
     """The job's index and manifest schema: the index columns, then the profile's metadata columns."""
-    return index_schema({c: m.type for c, m in spec.profile.metadata.items()})
+    return index_schema(spec.metadata_columns)
 
 
 @dataclass(frozen=True)

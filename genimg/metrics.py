@@ -18,7 +18,9 @@ every metric, with the PromQL that the dashboard and rules use.
 | ``genimg_shards_committed_total`` | counter | — | shards |
 | ``genimg_shards_retried_total`` | counter | reason | shard retries scheduled |
 | ``genimg_shards_failed_total`` | counter | reason | shards failed permanently |
-| ``genimg_stage_seconds`` | histogram | stage (infer, encode, upload, shard) | seconds |
+| ``genimg_stage_seconds`` | histogram | stage (infer, encode, upload, shard, expand) | seconds |
+| ``genimg_expand_tokens`` | histogram | expander | tokens written per expansion (prompt expansion) |
+| ``genimg_expand_seconds`` | histogram | expander | seconds per expansion |
 | ``genimg_shards_in_flight`` | gauge (livesum) | — | shards |
 | ``genimg_s3_throttled_total`` | counter | operation, code | S3 responses that throttled (every attempt) |
 | ``genimg_s3_retries_total`` | counter | operation, code | failed S3 attempts botocore retried |
@@ -36,11 +38,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from genimg.errors import GenImgError, NonFiniteOutputError, RetryableError
 
+EXPANSION_FAILURE_REASONS = ("expansion_empty", "expansion_too_long")
+"""Item failure reasons of prompt expansion (:mod:`genimg.expand`), exported at 0 from the start."""
 STAGE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
                    60.0, 120.0, 300.0, 600.0)
 """Histogram buckets in seconds: from GPU sub-batches (ms) to CPU shards (minutes)."""
 
-def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, Histogram, Gauge, Counter, Counter]:
+EXPAND_TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+"""Histogram buckets of tokens per expansion (the expander writes at most 256)."""
+
+
+def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, Histogram, Gauge, Counter, Counter,
+                       Histogram, Histogram]:
     return (
         Counter("genimg_images_written", "Images committed to storage.", ["model", "format"]),
         Counter("genimg_bytes_written", "Encoded image bytes committed to storage.", ["model"]),
@@ -57,10 +66,14 @@ def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, His
         Counter("genimg_s3_retries", "S3 request attempts that failed and were retried by botocore, by "
                 "operation and error code (an S3 error code, an HTTP status, or a connection error's class).",
                 ["operation", "code"]),
+        Histogram("genimg_expand_tokens", "Tokens the prompt expander wrote per expansion (one per prompt, or "
+                  "per item with expand.per=item).", ["expander"], buckets=EXPAND_TOKEN_BUCKETS),
+        Histogram("genimg_expand_seconds", "Seconds of prompt expansion per expansion (a request's seconds over "
+                  "the expansions in it).", ["expander"], buckets=STAGE_BUCKETS_S),
     )
 
 
-STAGES = ("infer", "encode", "upload", "shard")
+STAGES = ("infer", "encode", "upload", "shard", "expand")
 """Values of ``genimg_stage_seconds``'s ``stage`` label."""
 def known_models() -> list[str]:
     """Values of the ``model`` label known in advance: every profile's Triton model (none if unreadable)."""
@@ -93,6 +106,8 @@ def _zero_known_series() -> None:
     for stage in STAGES:
         STAGE_SECONDS.labels(stage)
     ITEMS_FAILED.labels(NonFiniteOutputError.reason)
+    for reason in EXPANSION_FAILURE_REASONS:
+        ITEMS_FAILED.labels(reason)
     for reason in SHARD_FAILURE_REASONS:
         SHARDS_FAILED.labels(reason)
     for reason in SHARD_RETRY_REASONS:
@@ -119,7 +134,7 @@ SHARD_RETRY_REASONS = tuple(_reason_names(RetryableError) + ["SoftTimeLimitExcee
 
 
 (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
- SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES) = _define()
+ SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS) = _define()
 _zero_known_series()
 
 
@@ -135,19 +150,19 @@ def _use_multiprocess_values() -> None:
     ``metrics.NAME`` at call time, so they pick up the new objects).
     """
     global IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED
-    global STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES
+    global STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS
     from prometheus_client import REGISTRY, values
 
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
     for metric in (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED,
-                   STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES):
+                   STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS):
         try:
             REGISTRY.unregister(metric)
         except KeyError:
             pass
     (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
-     SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES) = _define()
+     SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS) = _define()
     _zero_known_series()
 
 

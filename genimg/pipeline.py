@@ -124,6 +124,30 @@ class Infer:
         stage_version = self.client.model_metadata(profile.prompt_stage.model).version
         return hashlib.sha256(f"{stage_version}+{meta.version}".encode()).hexdigest()[:16]
 
+    def check_expander(self, model: str) -> str:
+        """Check the served prompt expander's tensors against :data:`genimg.triton.contract.EXPANDER`.
+
+        Returns:
+            its version hash (the repository's ``genimg_sha256``, first 16 hex digits).
+
+        Raises:
+            ProfileMismatchError: a tensor differs (the shard fails permanently, naming it).
+            InferenceUnavailableError: Triton or the model is not available.
+        """
+        from genimg.profiles.tensors import ProfileMismatchError
+        from genimg.triton.contract import EXPANDER
+
+        meta = self.client.model_metadata(model)
+        if ("expander", model) not in self._checked:
+            for kind, want, got in (("input", EXPANDER.inputs, meta.inputs), ("output", EXPANDER.outputs,
+                                                                                meta.outputs)):
+                for t in want:
+                    if t.name not in got or got[t.name][0] != t.dtype:
+                        raise ProfileMismatchError(f"expander {model}: {kind} {t.name} {t.dtype} is "
+                                                   f"{got.get(t.name, ('missing',))[0]}")
+            self._checked.add(("expander", model))
+        return meta.version
+
     def __call__(self, model: str, inputs: dict, outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         return self.client.infer(model, inputs, outputs=outputs)
 
@@ -216,6 +240,64 @@ class _SubBatch:
     values: list[dict]
     out: dict[str, np.ndarray] | None = None
     infer_s: float = 0.0
+    expansions: list | None = None
+
+
+def load_wildcards(store: ObjectStore, layout: Layout, spec: JobSpec) -> dict[str, list[str]]:
+    """The job's stored wildcard options (``inputs/wildcards.json``), checked against the spec's sha256.
+
+    Raises:
+        StorageNotFoundError: the file is missing (the shard fails permanently).
+        ValidationError: its sha256 differs from the one the spec pins.
+    """
+    import json
+
+    from genimg.errors import ValidationError
+    from genimg.expand import WILDCARDS_OBJECT
+
+    assert spec.expand is not None
+    if not spec.expand.wildcards:
+        return {}
+    data = store.get_bytes(f"{layout.job_prefix}/{WILDCARDS_OBJECT}")
+    if hashlib.sha256(data).hexdigest() != spec.expand.wildcards_sha256:
+        raise ValidationError("the stored wildcards differ from the ones the job was validated with",
+                              field="expand.wildcards_sha256")
+    return json.loads(data)
+
+
+def expansion_columns(spec: JobSpec, expansion, source: str | None, expander: str, version: str) -> dict:
+    """An item's expansion columns (:data:`genimg.expand.EXPANSION_COLUMNS`)."""
+    return {"source_prompt": source, "revised_prompt": expansion.revised, "expander": expander,
+            "expander_version": version, "expand_tokens": int(expansion.tokens)}
+
+
+def _start_expansion(spec: JobSpec, store: ObjectStore, layout: Layout, infer, indices: np.ndarray,
+                     prompts: list[str | None]):
+    """``(ShardExpander or None, expander name, version)`` for a shard; expansion starts at once in its thread.
+
+    Raises:
+        ProfileMismatchError: the served expander's tensors differ from the contract.
+        InferenceUnavailableError: the expander is not served or not ready (the shard is retried).
+    """
+    from genimg.expand import TEMPLATE_EXPANDER, ShardExpander
+
+    if spec.expand is None:
+        return None, "", ""
+    opts = spec.expand
+    if opts.uses_model:
+        assert opts.model is not None
+        name = opts.model
+        version = infer.check_expander(name) if isinstance(infer, Infer) else "1"
+    else:
+        name = TEMPLATE_EXPANDER
+        version = hashlib.sha256(f"{opts.template}\0{opts.wildcards_sha256 or ''}".encode()).hexdigest()[:16]
+    wildcards = load_wildcards(store, layout, spec)
+
+    def observe(tokens: int, seconds: float) -> None:
+        metrics.EXPAND_TOKENS.labels(name).observe(tokens)
+        metrics.EXPAND_SECONDS.labels(name).observe(seconds)
+
+    return ShardExpander(spec, indices, prompts, infer, wildcards, on_expanded=observe), name, version
 
 
 def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: Layout,
@@ -257,8 +339,13 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
     batches = plan_requests(spec, indices, seeds, prompts)
 
     stage = PromptStageCache(profile, infer, spec.sub_batch_size) if profile.prompt_stage else None
+    expander, expander_name, expander_version = _start_expansion(spec, store, layout, infer, indices, prompts)
+    sources = dict(zip(indices.tolist(), prompts))
 
     def run_infer(b: _SubBatch) -> _SubBatch:
+        if expander is not None:  # waits only for the expansion requests holding this sub-batch's items
+            b.expansions = expander.get((b.indices - start).tolist())
+            b.prompts = [e.revised if e.revised is not None else "" for e in b.expansions]
         per_prompt = stage.gather(b.prompts) if stage is not None else None
         inputs = build_inputs(profile, seeds=b.seeds, prompts=b.prompts, item_values=b.values,
                               negative_prompt=spec.negative_prompt, per_prompt=per_prompt)
@@ -290,33 +377,50 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
             common = dict(item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
                           profile=profile.name, params=b.values[j], prompt=b.prompts[j],
                           negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
+            if b.expansions is not None:  # prompt: the job's; revised_prompt: what the image model saw
+                e = b.expansions[j]
+                common["prompt"] = sources[int(idx)]
+                columns = expansion_columns(spec, e, sources[int(idx)], expander_name, expander_version)
+                if e.reason is not None:  # its image (made from "") is dropped
+                    items.append(ShardItem(reason=e.reason, extra=columns, **common))
+                    continue
+            else:
+                columns = {}
             if not finite[j]:
-                items.append(ShardItem(reason=NON_FINITE, **common))
+                items.append(ShardItem(reason=NON_FINITE, extra=columns, **common))
                 continue
             te = time.perf_counter()
             data = imaging.encode(images[j], spec.image_format, spec.quality)
             items.append(ShardItem(image=data, format=spec.image_format, width=int(images.shape[2]),
-                                   height=int(images.shape[1]), extra=read_metadata(profile, out, j),
+                                   height=int(images.shape[1]), extra={**read_metadata(profile, out, j), **columns},
                                    encode_s=time.perf_counter() - te, **common))
         metrics.STAGE_SECONDS.labels("encode").observe(time.perf_counter() - t)
         return items
 
     items: list[ShardItem] = []
-    with ThreadPoolExecutor(max(1, infer_inflight), thread_name_prefix="infer") as ipool, \
-            ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode") as epool:
-        inferred = [ipool.submit(run_infer, b) for b in batches]
-        encoded = [epool.submit(encode, f.result()) for f in inferred]
-        for f in encoded:
-            items.extend(f.result())
+    try:
+        with ThreadPoolExecutor(max(1, infer_inflight), thread_name_prefix="infer") as ipool, \
+                ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode") as epool:
+            inferred = [ipool.submit(run_infer, b) for b in batches]
+            encoded = [epool.submit(encode, f.result()) for f in inferred]
+            for f in encoded:
+                items.extend(f.result())
+    finally:
+        if expander is not None:
+            expander.close()
     gen_s = time.perf_counter() - t0
-    schema = index_schema({c: m.type for c, m in profile.metadata.items()})
-    commit = commit_shard(store, layout, shard_index, items, stage_seconds={"generate": gen_s}, schema=schema)
+    stage_seconds = {"generate": gen_s}
+    if expander is not None:
+        stage_seconds["expand"] = expander.seconds
+        metrics.STAGE_SECONDS.labels("expand").observe(expander.seconds)
+    schema = index_schema(spec.metadata_columns)
+    commit = commit_shard(store, layout, shard_index, items, stage_seconds=stage_seconds, schema=schema)
     upload_s = float(commit.stats["seconds"].get("upload", 0.0))
     metrics.STAGE_SECONDS.labels("upload").observe(upload_s)
     ok = [it for it in items if it.ok]
     total_s = time.perf_counter() - t0
     metrics.STAGE_SECONDS.labels("shard").observe(total_s)
     return ShardResult(spec.job_id, shard_index, len(ok), len(items) - len(ok),
-                       {"generate": gen_s, "upload": upload_s, "shard": total_s},
+                       {**stage_seconds, "upload": upload_s, "shard": total_s},
                        bytes_written=sum(len(it.image or b"") for it in ok), model=model,
                        failed_by_reason=dict(Counter(it.reason or "" for it in items if not it.ok)))

@@ -218,6 +218,9 @@ class TritonSettings(_Base):
     triton_timeout_s: float = Field(default=60.0, gt=0)
     triton_ready_timeout_s: float = Field(default=120.0, gt=0)
     triton_max_message_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    triton_expander: str = Field(default="prompt_expander", pattern=r"^([A-Za-z_][A-Za-z0-9_.-]{0,127})?$")
+    """The prompt expander (jobs with ``expand``) a worker waits for besides the profiles' models; empty:
+    none (a repository built with ``--no-expander`` or ``--profiles-only``)."""
 
 
 class StorageSettings(_Base):

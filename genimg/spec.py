@@ -36,6 +36,7 @@ import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
 
 from genimg.errors import ValidationError
+from genimg.expand import ExpandFieldError, ExpandSpec
 from genimg.profiles.params import resolve_params
 from genimg.profiles.registry import Profiles, load_profiles
 from genimg.profiles.schema import NAME_PATTERN, ModelProfile
@@ -355,6 +356,8 @@ class JobSpec(BaseModel):
         name: optional label, 1-64 of ``A-Za-z0-9._-``, starting alphanumeric.
         idempotency_key: optional, 1-256 visible ASCII characters.
         created_at: timezone-aware submit time, stored in UTC.
+        expand: prompt expansion (:class:`genimg.expand.ExpandSpec`: template, language model,
+            max_new_tokens, temperature), text profiles only; ``None``: prompts go to the model as given.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -383,6 +386,7 @@ class JobSpec(BaseModel):
                                         max_length=MAX_IDEMPOTENCY_KEY_CHARS,
                                         pattern=_IDEMPOTENCY_KEY_RE.pattern)
     created_at: datetime
+    expand: ExpandSpec | None = None
 
     # ---- construction
 
@@ -544,6 +548,12 @@ class JobSpec(BaseModel):
             raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
         if resolved != self.params:
             object.__setattr__(self, "params", resolved)  # defaults filled in, floats as floats
+        if self.expand is not None:
+            if task != "text":
+                raise _FieldError("expand", f"is for text profiles; {model} is a noise profile")
+            problem = prompt_problem(self.expand.template.replace("{prompt}", ""))
+            if problem is not None:
+                raise _FieldError("expand.template", problem)
         if self.negative_prompt is not None and not any(
                 b.kind == "negative_prompt" for b in self.profile.inputs.values()):
             raise _FieldError("negative_prompt", f"profile {self.profile.name!r} takes no negative prompt")
@@ -587,6 +597,18 @@ class JobSpec(BaseModel):
         """URL under which the prompt chunks live (``{job_prefix}/prompts``)."""
         return f"{self.job_prefix}/prompts"
 
+    @property
+    def metadata_columns(self) -> dict[str, str]:
+        """The job's per-item columns after the index's own: the profile's metadata, then the expansion's.
+
+        Column name → declared type (``int``, ``float``, ``bool``, ``str``), in order
+        (:func:`genimg.shards.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
+        """
+        from genimg.expand import EXPANSION_COLUMNS
+
+        columns = {c: m.type for c, m in self.profile.metadata.items()}
+        return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
+
     def shard_plan(self) -> ShardPlan:
         """The job's shards (see :func:`plan_shards`)."""
         return plan_shards(self.total_items, self.shard_size)
@@ -605,9 +627,13 @@ def _from_pydantic(error: pydantic.ValidationError) -> ValidationError:
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, _FieldError):
         field, message = cause.field, cause.message
+    elif isinstance(cause, ExpandFieldError):
+        field, message = f"expand.{cause.field}", cause.message
     else:
         loc = first.get("loc") or ()
         field = str(loc[0]) if loc else "spec"
+        if field == "expand" and len(loc) > 1 and isinstance(loc[1], str):
+            field = f"expand.{loc[1]}"
         kind = first.get("type", "")
         if kind == "missing":
             message = "is required"

@@ -47,6 +47,8 @@ from genimg.errors import (
     StorageNotFoundError,
     ValidationError,
 )
+from genimg.expand import WILDCARDS_OBJECT, wildcards_json
+from genimg.expand import prepare as prepare_expand
 from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prompt_chunk_key
 from genimg.jobs import SPEC_OBJECT
 from genimg.profiles import load_profiles
@@ -54,7 +56,7 @@ from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.shards import Layout
-from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, validate_output_url
+from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, prompt_problem, validate_output_url
 from genimg.storage import check_storage
 from genimg.stores import ManagedStore, open_store
 from producer.job import Job, JobNotFoundError
@@ -243,6 +245,7 @@ class Client:
         prompt_format: str | None = None,
         prompt_chunk_size: int | None = None,
         manifest_part_shards: int | None = None,
+        expand: Mapping[str, Any] | None = None,
     ) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
@@ -276,6 +279,11 @@ class Client:
             prompt_chunk_size: prompts per stored chunk (default 1,000).
             manifest_part_shards: shards per manifest part, 1..1,000 (default: about 100,000
                 rows a part, see :func:`genimg.spec.manifest_part_shards_for`).
+            expand: prompt expansion (:mod:`genimg.expand`): ``{"template": "{a|b} {prompt}",
+                "model": "prompt_expander" or None, "instruction": "... {text} ...",
+                "max_new_tokens": 48, "temperature": 0.7, "per": "prompt", "wildcards_dir": "dir"}``;
+                every key is optional. The wildcard files the template names are read from
+                ``wildcards_dir`` now and stored with the job (``inputs/wildcards.json``).
 
         Returns:
             The job's handle. With an idempotency key already claimed, the
@@ -303,7 +311,15 @@ class Client:
         if task == "noise" and prompts is not None:
             raise ValidationError(f"profile {model!r} is a noise profile: it takes count, not prompts",
                                   field="prompts")
+        expand_fields, wildcards = prepare_expand(expand)
+        for name, options in wildcards.items():
+            for line in options:
+                problem = prompt_problem(line)
+                if problem is not None:
+                    raise ValidationError(f"wildcard file {name}.txt: option {line[:40]!r} {problem}",
+                                          field="expand.wildcards_dir")
         fields: dict[str, Any] = {
+            "expand": expand_fields,
             "model": model, "params": params, "negative_prompt": negative_prompt,
             "images_per_prompt": images_per_prompt,
             "output": output if output is not None else os.environ.get("GENIMG_OUTPUT"),
@@ -345,6 +361,9 @@ class Client:
             if stream is not None:
                 n = self._store_prompts(stream, spec, store, layout, fields)
                 spec = JobSpec.create(settings=self.spec_settings, profiles=profiles, **fields, num_prompts=n)
+            if wildcards:
+                store.put_bytes(f"{layout.job_prefix}/{WILDCARDS_OBJECT}", wildcards_json(wildcards),
+                                "application/json")
             store.put_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", spec.to_json().encode(), "application/json")
             jobs.store_spec(self.redis, self.keys, spec)
         except BaseException:

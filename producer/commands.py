@@ -174,6 +174,28 @@ def submit(
         "--prompt-format", help="text, jsonl, csv or parquet (default: from the file suffix).")] = None,
     prompt_chunk_size: Annotated[Optional[int], typer.Option(
         "--prompt-chunk-size", help="Prompts per stored chunk (default: 1000).")] = None,
+    expand: Annotated[bool, typer.Option(
+        "--expand", help="Expand prompts: a language model (prompt_expander) writes each image's description; "
+                         "implied by any --expand-* option.")] = False,
+    expand_template: Annotated[Optional[str], typer.Option(
+        "--expand-template", help="Prompt template: {prompt} is the prompt, {a|b|c} picks one per prompt, "
+                                  "__name__ picks a line of WILDCARDS_DIR/name.txt.", show_default=False)] = None,
+    expand_model: Annotated[Optional[str], typer.Option(
+        "--expand-model", help="The Triton model that writes descriptions, or 'none' for templates only "
+                               "(default: prompt_expander).", show_default=False)] = None,
+    expand_instruction: Annotated[Optional[str], typer.Option(
+        "--expand-instruction", help="The language model's instruction, with {text} where the text goes.",
+        show_default=False)] = None,
+    expand_max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--expand-max-new-tokens", help="Tokens per description, 1-256 (default: 48).", show_default=False)] = None,
+    expand_temperature: Annotated[Optional[float], typer.Option(
+        "--expand-temperature", help="0 (greedy) to 2 (default: 0.7).", show_default=False)] = None,
+    expand_per: Annotated[Optional[str], typer.Option(
+        "--expand-per", help="prompt (default: the images of a prompt share one expansion) or item.",
+        show_default=False)] = None,
+    wildcards_dir: Annotated[Optional[Path], typer.Option(
+        "--wildcards-dir", help="Directory of NAME.txt wildcard files (one option a line) the template uses.",
+        show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
     timeout_s: TimeoutS = None,
     no_progress: NoProgress = False,
@@ -183,6 +205,8 @@ def submit(
     key_prefix: KeyPrefix = None,
 ) -> None:
     """Submit a dataset job: validate it, store its prompts and spec, enqueue one task per shard.
+
+    Example: genimg submit --prompts ideas.txt --expand --expand-max-new-tokens 32 --output s3://bucket/described
 
     Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
 
@@ -196,6 +220,14 @@ def submit(
         if priority is not None and priority.strip().lstrip("-").isdigit():
             int_priority = int(priority)
         params = _params(param, model) if param else None
+        given = {"template": expand_template, "instruction": expand_instruction,
+                 "max_new_tokens": expand_max_new_tokens, "temperature": expand_temperature, "per": expand_per,
+                 "wildcards_dir": str(wildcards_dir) if wildcards_dir is not None else None}
+        expand_opts: dict[str, Any] | None = {k: v for k, v in given.items() if v is not None}
+        if expand_model is not None:
+            expand_opts["model"] = None if expand_model.strip().lower() == "none" else expand_model  # type: ignore[index]
+        if not expand and not expand_opts:
+            expand_opts = None
         with _client(redis_url, queue, key_prefix) as client:
             job = client.submit(
                 prompts, count=count, model=model, params=params, negative_prompt=negative_prompt,
@@ -203,7 +235,7 @@ def submit(
                 seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
-                prompt_chunk_size=prompt_chunk_size,
+                prompt_chunk_size=prompt_chunk_size, expand=expand_opts,
             )
             spec = job.spec
             doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,

@@ -9,6 +9,11 @@ started here), the demo submits three jobs through the Python client:
 2. ``noise2img``: 2,000 noise samples;
 3. ``faces_x4``: 500 faces from pretrained models (a DCGAN at 64 px, then
    ESRGAN x4 to 256 px RGB; ``--faces-count 0`` skips it);
+4. ``expand``: the 20 short source texts of ``examples/expand_sources.txt``,
+   each expanded by the language model ``prompt_expander`` (SmolLM2-135M-Instruct,
+   :mod:`genimg.expand`) into an image description that ``txt2img`` draws, 2
+   images each (``--expand-count 0`` skips it); its contact sheet shows the
+   source and the revised prompt under each image;
 
 waits on them with progress bars, and writes for each job, under
 ``demo-out/txt2img/``, ``demo-out/noise2img/`` and ``demo-out/faces_x4/``:
@@ -55,6 +60,11 @@ from genimg.errors import GenImgError
 log = logging.getLogger(__name__)
 
 REPO_PROMPTS = Path(__file__).resolve().parents[1] / "examples" / "prompts.txt"
+EXPAND_SOURCES = Path(__file__).resolve().parents[1] / "examples" / "expand_sources.txt"
+DEFAULT_EXPAND_COUNT = 20
+"""Source texts of the demo's expansion job."""
+EXPAND_OPTIONS = {"max_new_tokens": 40, "temperature": 0.7}
+"""The demo's expansion: SmolLM2 writes up to 40 tokens per description, sampling at temperature 0.7."""
 DEFAULT_IMAGES_PER_PROMPT = 4
 DEFAULT_NOISE_COUNT = 2_000
 DEFAULT_FACES_COUNT = 500
@@ -207,13 +217,15 @@ def _tar_image(tars: dict[int, bytes], row: dict[str, Any]) -> np.ndarray:
     return decode(data)
 
 
-def _sheet(rows: list[dict[str, Any]], tars: dict[int, bytes], captions: list[str], cols: int, path: Path) -> None:
+def _sheet(rows: list[dict[str, Any]], tars: dict[int, bytes], captions: list[str], cols: int, path: Path,
+           caption_lines: int = 3, min_cell_width_px: int = 0) -> None:
     from genimg.imaging import contact_sheet
 
     if not rows:
         return
     images = [_tar_image(tars, r) for r in rows]
-    contact_sheet(images, captions, cols=cols, caption_lines=3).save(path, format="PNG", optimize=True)
+    contact_sheet(images, captions, cols=cols, caption_lines=caption_lines,
+                  min_cell_width_px=min_cell_width_px).save(path, format="PNG", optimize=True)
 
 
 def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET_PROMPTS) -> dict[str, Any]:
@@ -240,7 +252,11 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
     keys = [r["key"] for r in rows]
 
     digits = "label" in table.column_names
-    if spec.model == "txt2img":
+    if "revised_prompt" in table.column_names:  # an expansion job: source and revised prompt under each image
+        shown = ok[:sheet_prompts]
+        _sheet(shown, tars, [f"{r['source_prompt']!r} => {r['revised_prompt']}" for r in shown],
+               cols=4, path=out_dir / "contact_sheet.png", caption_lines=9, min_cell_width_px=300)
+    elif spec.model == "txt2img":
         by_prompt: dict[str, list[dict[str, Any]]] = {}
         for r in ok:
             by_prompt.setdefault(r["prompt"], []).append(r)
@@ -258,7 +274,7 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
 
     wall_s = (run.finished or time.monotonic()) - run.submitted
     per_shard = {stage: [float(s["seconds"][stage]) for s in stats if stage in s.get("seconds", {})]
-                 for stage in ("infer", "encode", "upload", "generate")}
+                 for stage in ("infer", "encode", "upload", "generate", "expand")}
     summary: dict[str, Any] = {
         "job_id": spec.job_id, "model": spec.model, "state": run.status.state if run.status else None,
         "images_total": spec.total_items, "images_ok": len(ok), "images_failed": len(rows) - len(ok),
@@ -278,7 +294,14 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
                      "images_per_prompt": spec.images_per_prompt, "seed": spec.seed, "output": spec.job_prefix},
         "job_summary": run.status.summary if run.status else None,
     }
-    if spec.model == "txt2img":
+    if "revised_prompt" in table.column_names:
+        expand_s = sum(per_shard["expand"])
+        summary.update(
+            expander=ok[0]["expander"] if ok else None, expander_version=ok[0]["expander_version"] if ok else None,
+            expand_tokens_mean=round(float(np.mean([r["expand_tokens"] for r in ok])), 2) if ok else None,
+            expand_share_of_generate=round(expand_s / max(sum(per_shard["generate"]), 1e-9), 4),
+            revised_prompts_distinct=len({r["revised_prompt"] for r in ok}))
+    elif spec.model == "txt2img":
         named = [(r, digit_in_prompt(r["prompt"])) for r in ok]
         scored = [(r, d) for r, d in named if d is not None]
         hits = [int(r["label"]) == d for r, d in scored]
@@ -302,7 +325,7 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
 
 
 def run_demo(*, prompts_path: Path, prompts_limit: int | None, images_per_prompt: int, noise_count: int,
-             out: Path, faces_count: int = DEFAULT_FACES_COUNT, workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
+             out: Path, faces_count: int = DEFAULT_FACES_COUNT, expand_count: int = DEFAULT_EXPAND_COUNT, workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
              keep_up: bool, progress: bool, state_dir: Path | None) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the overall summary also written to ``out``.
 
@@ -343,6 +366,13 @@ def run_demo(*, prompts_path: Path, prompts_limit: int | None, images_per_prompt
                 runs.append(_Run(FACES_PROFILE, client.submit(
                     count=faces_count, model=FACES_PROFILE, output=output, seed=seed, shard_size=shard_size,
                     sub_batch_size=sub_batch_size, name="demo-faces-x4"), time.monotonic()))
+            if expand_count:
+                sources = read_prompts(EXPAND_SOURCES, expand_count)
+                runs.append(_Run("expand", client.submit(
+                    sources, images_per_prompt=2, output=output, seed=seed, shard_size=10,
+                    sub_batch_size=sub_batch_size, name="demo-expand", expand=EXPAND_OPTIONS), time.monotonic()))
+                say(f"submitted {len(sources)} source texts for the language model to describe "
+                    f"(job {runs[-1].job.job_id})")
             say(f"submitted {len(prompts)} prompts x {images_per_prompt} (job {runs[0].job.job_id}), "
                 f"{noise_count} noise samples (job {runs[1].job.job_id})"
                 + (f" and {faces_count} faces x4 (job {runs[2].job.job_id})" if faces_count else ""))
@@ -381,6 +411,9 @@ def demo(
     noise_count: int = typer.Option(DEFAULT_NOISE_COUNT, "--noise-count", min=1, help="Items of the noise2img job."),
     faces_count: int = typer.Option(DEFAULT_FACES_COUNT, "--faces-count", min=0,
                                     help="Items of the faces_x4 job (256 px RGB faces); 0 skips it."),
+    expand_count: int = typer.Option(DEFAULT_EXPAND_COUNT, "--expand-count", min=0,
+                                     help="Source texts the language model expands (examples/expand_sources.txt, "
+                                          "up to 20); 0 skips the job."),
     out: Path = typer.Option(Path("demo-out"), "--out", help="Where manifests, sheets and summaries go."),
     workers: int = typer.Option(None, "--workers", min=1,
                                 help="Workers, if the demo starts the stack (default: genimg.local's)."),
@@ -403,7 +436,7 @@ def demo(
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         overall = run_demo(prompts_path=path, prompts_limit=prompts_limit, images_per_prompt=images_per_prompt,
-                           noise_count=noise_count, faces_count=faces_count, out=out,
+                           noise_count=noise_count, faces_count=faces_count, expand_count=expand_count, out=out,
                            workers=workers or DEFAULT_WORKERS,
                            shard_size=shard_size, sub_batch_size=sub_batch_size, seed=seed, timeout_s=timeout_s,
                            keep_up=keep_up, progress=not no_progress, state_dir=state_dir)

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from producer.demo import digit_in_prompt, read_prompts
+from tests.fixtures.triton import EXPANDER_UNAVAILABLE
 from tests.fixtures.workers import REDIS_URL
 
 
@@ -21,18 +22,20 @@ from tests.fixtures.workers import REDIS_URL
 def test_demo_writes_every_manifest_contact_sheet_and_summary_and_stops_its_workers(
         tmp_path: Path, triton_server, moto_s3_endpoint: str):
     out, state = tmp_path / "demo-out", tmp_path / "state"
+    n_expand = 0 if EXPANDER_UNAVAILABLE else 4  # the expansion job needs SmolLM2 (tests/fixtures/triton.py)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENIMG_")}
     env.update(GENIMG_REDIS_URL=REDIS_URL, GENIMG_TRITON_URL=triton_server.urls["grpc"],
                GENIMG_S3_ENDPOINT_URL=moto_s3_endpoint, GENIMG_S3_ACCESS_KEY_ID="testing",
                GENIMG_S3_SECRET_ACCESS_KEY="testing", GENIMG_LOCAL_DIR=str(state), HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-m", "producer.cli", "demo", "--prompts-limit", "10",
-                           "--images-per-prompt", "2", "--noise-count", "50", "--faces-count", "24",
+                           "--images-per-prompt", "2", "--noise-count", "50", "--faces-count", "24", "--expand-count", str(n_expand),
                            "--workers", "1", "--shard-size", "20",
                            "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=400,
                           check=False)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    for name, rows in (("txt2img", 20), ("noise2img", 50), ("faces_x4", 24)):
+    jobs = (("txt2img", 20), ("noise2img", 50), ("faces_x4", 24)) + ((("expand", 8),) if n_expand else ())
+    for name, rows in jobs:
         table = pq.read_table(out / name / "manifest.parquet")
         assert table.num_rows == rows
         keys = table.column("key").to_pylist()
@@ -54,7 +57,13 @@ def test_demo_writes_every_manifest_contact_sheet_and_summary_and_stops_its_work
     overall = json.loads((out / "summary.json").read_text())
     faces = json.loads((out / "faces_x4" / "summary.json").read_text())
     assert faces["image_size"] == [256, 256] and faces["label_histogram"] is None
-    assert overall["images_ok"] == 94 and overall["stack_started_by_demo"] is True
+    if n_expand:  # source and revised prompts of the expansion job (its sheet shows both)
+        expand = pq.read_table(out / "expand" / "manifest.parquet").to_pylist()
+        assert [r["source_prompt"] for r in expand] == [p for p in read_prompts(
+            Path(__file__).resolve().parents[1] / "examples" / "expand_sources.txt", 4) for _ in range(2)]
+        assert all(r["revised_prompt"] and r["revised_prompt"] != r["source_prompt"] for r in expand)
+        assert json.loads((out / "expand" / "summary.json").read_text())["expander"] == "prompt_expander"
+    assert overall["images_ok"] == 94 + 2 * n_expand and overall["stack_started_by_demo"] is True
     assert not (state / "local.json").exists()  # it stopped the workers it started
 
 

@@ -237,7 +237,7 @@ def test_a_new_model_runs_end_to_end_from_a_profile_file_and_a_repository_entry_
         server.wait_ready(timeout_s=120)
         monkeypatch.setenv("GENIMG_PROFILES_DIR", str(profiles))
         worker = stack.start_worker(GENIMG_CONCURRENCY=1, GENIMG_PROFILES_DIR=str(profiles),
-                                    GENIMG_TRITON_URL=server.urls["grpc"])
+                                    GENIMG_TRITON_URL=server.urls["grpc"], GENIMG_TRITON_EXPANDER="")
         worker.wait_ready()
         with Client() as client:
             job = client.submit(model="swatch", count=40, params={"gain": [0.5, 2.0]}, output=f"s3://{s3_bucket}/own",

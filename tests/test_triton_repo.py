@@ -229,7 +229,7 @@ def test_a_foreign_non_empty_directory_is_not_replaced_but_an_earlier_build_is(t
 def test_manifest_records_flavour_options_and_file_hashes(triton_repo):
     manifest = json.loads((triton_repo / MANIFEST).read_text())
     assert manifest["flavor"] == "cpu" and manifest["max_batch_size"] == 256
-    fetched = {"terrain", "faces", "esrgan_slim_x4", "vintage"}
+    fetched = {"terrain", "faces", "esrgan_slim_x4", "vintage", contract.EXPANDER.name}
     ensembles = {*DIGIT_ENSEMBLES, "faces_x4", "faces_x4_vintage"}
     assert set(manifest["sha256"]) == {*contract.MODELS, *fetched, *ensembles}
     assert manifest["ensembles"] == sorted(ensembles)

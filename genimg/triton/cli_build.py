@@ -41,6 +41,10 @@ def build_repo(
                                                   "(default: the bundled profiles)."),
     profiles_only: bool = typer.Option(False, "--profiles-only",
                                        help="Only the profiles' models: no digit models (no ONNX export)."),
+    expander: bool | None = typer.Option(None, "--expander/--no-expander",
+                                         help="Write prompt_expander (SmolLM2-135M-Instruct, fetched and converted "
+                                              "once, cached) for jobs with expand (default: yes, unless "
+                                              "--profiles-only).", show_default=False),
 ) -> None:
     """Write a Triton model repository: genimg's own models, then every profile's [serve] models and ensembles.
 
@@ -58,7 +62,8 @@ def build_repo(
             typer.echo(f"warning: skipped profile {path_}: {why}", err=True)
         path = build_repository(out, flavor.value, onnx_dir, instances=instances, max_batch_size=max_batch_size,
                                 intra_op_threads=intra_op_threads, queue_delay_us=queue_delay_us, plan_dir=plan_dir,
-                                overwrite=force, profiles=profiles, genimg_models=not profiles_only)
+                                overwrite=force, profiles=profiles, genimg_models=not profiles_only,
+                                expander=(not profiles_only) if expander is None else expander)
     except GenImgError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from e

@@ -131,3 +131,20 @@ MODELS: dict[str, ModelSpec] = {
 ALL: dict[str, ModelSpec] = dict(MODELS)
 """genimg's own single models, by name. Pipelines (ensembles) over them are declared by the model
 profiles in ``genimg/profiles/bundled/`` and written by :mod:`genimg.triton.profile_repo`."""
+
+# ---- the prompt expander (issue 15): a served language model, not part of an image ensemble
+
+EXPANDER_MAX_NEW_TOKENS = 256
+"""Most tokens the prompt expander writes per item (its config's ``max_new_tokens``)."""
+EXPANDER = ModelSpec(
+    "prompt_expander",
+    (TensorSpec("TEXT", "BYTES", (1,), None, "UTF-8 source text (after template expansion)"),
+     TensorSpec("INSTRUCTION", "BYTES", (1,), None, "UTF-8 user message with {text} where the text goes"),
+     TensorSpec("SEED", "UINT64", (1,), None, "the sampler's seed (numpy default_rng)"),
+     TensorSpec("MAX_NEW_TOKENS", "INT32", (1,), (1, EXPANDER_MAX_NEW_TOKENS), "tokens to write at most"),
+     TensorSpec("TEMPERATURE", "FP32", (1,), (0.0, 2.0), "0 = greedy, else top-k sampling at this temperature")),
+    (TensorSpec("DESCRIPTION", "BYTES", (1,), None, "the written image description, UTF-8"),
+     TensorSpec("TOKENS", "INT32", (1,), (0, EXPANDER_MAX_NEW_TOKENS), "tokens written")),
+)
+"""SmolLM2-135M-Instruct behind ``prompt_expander`` (``genimg/triton/backend/prompt_expander.py``), fetched
+and converted by ``genimg.models.fetch`` (``smollm2``)."""

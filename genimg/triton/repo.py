@@ -10,6 +10,8 @@ Layout written by :func:`build_repository` (a standard Triton model repository):
       generator/config.pbtxt          cpu: Python backend + ONNX Runtime; tensorrt: tensorrt_plan
       generator/1/{model.py, genimg_ort.py, model.onnx}   (tensorrt: model.plan from --plan-dir)
       generator_uncond/ upscaler/ verifier/   as generator
+      prompt_expander/config.pbtxt    Python backend (both flavours): SmolLM2 generation loop
+      prompt_expander/1/{model.py, genimg_ort.py, model.onnx, tokenizer.json, chat.json}
       <profile models>/ <profile ensembles>/   what each profile's [serve] declares
                                       (genimg/triton/profile_repo.py): the digit ensembles,
                                       fetched ONNX models such as terrain
@@ -256,13 +258,63 @@ def _echo_config(pb, max_batch_size: int):
     return cfg
 
 
+EXPANDER_FILES = ("model.onnx", "tokenizer.json", "chat.json")
+"""What the fetched ``smollm2`` cache entry gives ``prompt_expander/1/`` besides ``model.py``."""
+EXPANDER_THREADS = 2
+"""ONNX Runtime intra-op threads of the prompt expander (it decodes one token per call: latency-bound)."""
+EXPANDER_TOP_K = 50
+"""Tokens the expander samples among (temperature > 0)."""
+
+
+def expander_config(pb, flavor: str, max_batch_size: int):
+    """The ``ModelConfig`` of ``prompt_expander``: Python backend, no dynamic batcher (a request is one batch)."""
+    spec = contract.EXPANDER
+    cfg = pb.ModelConfig(name=spec.name, backend="python", max_batch_size=max_batch_size)
+    cfg.input.extend(_io(pb, t, pb.ModelInput) for t in spec.inputs)
+    cfg.output.extend(_io(pb, t, pb.ModelOutput) for t in spec.outputs)
+    kind = pb.ModelInstanceGroup.KIND_CPU if flavor == "cpu" else pb.ModelInstanceGroup.KIND_GPU
+    cfg.instance_group.add(count=1, kind=kind)
+    providers = "CPUExecutionProvider" if flavor == "cpu" else "CUDAExecutionProvider,CPUExecutionProvider"
+    for k, v in {"onnx_file": "model.onnx", "intra_op_threads": str(EXPANDER_THREADS), "providers": providers,
+                 "tokenizer_file": "tokenizer.json", "chat_file": "chat.json", "top_k": str(EXPANDER_TOP_K),
+                 "max_new_tokens": str(contract.EXPANDER_MAX_NEW_TOKENS), "max_input_tokens": "256"}.items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def _write_expander(out: Path, pb, flavor: str, max_batch_size: int) -> str:
+    """Write ``prompt_expander`` from the fetched ``smollm2`` model; returns its version hash.
+
+    The hash is the sha256 of the served files' sha256s (model.py, the ONNX file, tokenizer,
+    chat template) and of the config's sampling parameters, so any change that can change a
+    description changes the recorded version.
+    """
+    from genimg.models.fetch import fetch_model
+
+    src = fetch_model("smollm2").parent
+    mdir = out / contract.EXPANDER.name
+    version = mdir / "1"
+    version.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BACKEND_DIR / "prompt_expander.py", version / "model.py")
+    shutil.copyfile(BACKEND_DIR / "genimg_ort.py", version / "genimg_ort.py")
+    for name in EXPANDER_FILES:
+        shutil.copyfile(src / name, version / name)
+    cfg = expander_config(pb, flavor, max_batch_size)
+    parts = {name: _sha256(version / name) for name in ("model.py", *EXPANDER_FILES)}
+    parts["parameters"] = json.dumps({k: v.string_value for k, v in sorted(cfg.parameters.items())})
+    sha = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    cfg.parameters[VERSION_PARAMETER].string_value = sha
+    write_config(cfg, mdir)
+    return sha
+
+
 def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
                      onnx_dir: str | os.PathLike[str] | None = None, *, instances: int = 1,
                      max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, intra_op_threads: int = 1,
                      queue_delay_us: int = DEFAULT_QUEUE_DELAY_US, tokenizer_json: str | os.PathLike[str] | None = None,
                      plan_dir: str | os.PathLike[str] | None = None, with_echo: bool = False,
                      overwrite: bool = False, profiles: Profiles | None = None,
-                     genimg_models: bool = True) -> Path:
+                     genimg_models: bool = True, expander: bool = True) -> Path:
     """Write a Triton model repository: genimg's own models, then what each profile's ``[serve]`` declares.
 
     Args:
@@ -286,6 +338,9 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
             default the profiles directory (``GENIMG_PROFILES_DIR``, else the bundled profiles).
         genimg_models: also write genimg's own single models (the digit models, from ONNX
             exported from the committed weights); ``False`` for a repository of your profiles only.
+        expander: also write ``prompt_expander`` (SmolLM2-135M-Instruct, fetched and converted
+            by :func:`genimg.models.fetch.fetch_model` ``("smollm2")``, cached; see
+            :func:`expander_config`), which jobs with ``expand`` use.
 
     Returns:
         the repository path.
@@ -318,7 +373,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
     try:  # built aside and renamed into place: a failed build leaves the previous repository (or nothing)
         _build_into(out, flavor, onnx_dir, genimg_models, tokenizer_json, plan_dir, with_echo, profiles,
                     dict(instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
-                         queue_delay_us=queue_delay_us))
+                         queue_delay_us=queue_delay_us), expander)
         if final.exists():
             shutil.rmtree(final)
         out.rename(final)
@@ -329,7 +384,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
 
 
 def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer_json, plan_dir, with_echo: bool,
-                profiles: Profiles | None, opts: dict) -> None:
+                profiles: Profiles | None, opts: dict, expander: bool = True) -> None:
     """The body of :func:`build_repository`, writing into the empty directory ``out``."""
     instances, max_batch_size = opts["instances"], opts["max_batch_size"]
     intra_op_threads, queue_delay_us = opts["intra_op_threads"], opts["queue_delay_us"]
@@ -370,6 +425,9 @@ def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer
         dtypes=_DTYPES, preferred=preferred_batch_sizes(max_batch_size), plan_dir=Path(plan_dir) if plan_dir else None,
         instances=instances, max_batch_size=max_batch_size, intra_op_threads=intra_op_threads,
         queue_delay_us=queue_delay_us)
+    if expander:
+        shas[contract.EXPANDER.name] = _write_expander(out, pb, flavor, max_batch_size)
+        extra_models.append(contract.EXPANDER.name)
     if with_echo:
         write_config(_echo_config(pb, max_batch_size), out / "prompt_echo")
         _copy_python_model(out / "prompt_echo", "prompt_echo.py", None)
@@ -379,7 +437,7 @@ def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer
     if flavor == "tensorrt":
         manifest["tensorrt_profiles"] = tensorrt_profiles()
         manifest["plans_missing"] = sorted(n for n in [*own, *extra_models]
-                                           if n != "text_encoder" and not (out / n / "1" / "model.plan").is_file())
+                                           if n not in ("text_encoder", contract.EXPANDER.name) and not (out / n / "1" / "model.plan").is_file())
         if manifest["plans_missing"]:
             log.warning("no TensorRT plans for %s yet: run `genimg models build-engines` on a GPU machine and "
                         "rebuild with --plan-dir", manifest["plans_missing"])
