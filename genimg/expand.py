@@ -4,7 +4,7 @@ A job with ``expand`` does, for each *expansion unit* (a prompt, or an item
 with ``per="item"``), with that unit's seed (the seed of its first item,
 :func:`genimg.seeds.item_seeds`):
 
-1. **Template**: ``template`` with ``{prompt}`` replaced by the source prompt,
+1. **Template** (:mod:`genimg.templates`): ``template`` with ``{prompt}`` replaced by the source prompt,
    each ``{a|b|c}`` group replaced by one of its alternatives and each
    ``__name__`` by one line of the job's wildcard file ``name``; every choice is
    uniform and drawn from ``numpy.random.default_rng(seed)`` in the order the
@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 from genimg.errors import ValidationError
+from genimg.templates import (  # noqa: F401  (re-exported: the job option's template API)
+    MAX_WILDCARD_BYTES,
+    MAX_WILDCARD_OPTIONS,
+    PROMPT_SLOT,
+    Template,
+    parse_template,
+    read_wildcard_file,
+    wildcards_json,
+    wildcards_sha256,
+)
 
 DEFAULT_EXPANDER = "prompt_expander"
 """The Triton model that writes descriptions (:data:`genimg.triton.contract.EXPANDER`)."""
@@ -56,10 +65,6 @@ MAX_TEMPLATE_CHARS = 2_000
 MAX_INSTRUCTION_CHARS = 1_000
 MAX_WILDCARDS = 64
 """Most distinct wildcard files one job may use."""
-MAX_WILDCARD_OPTIONS = 100_000
-"""Most lines of one wildcard file."""
-MAX_WILDCARD_BYTES = 8 * 1024 * 1024
-"""Largest wildcard file, in bytes."""
 WILDCARDS_OBJECT = "inputs/wildcards.json"
 """Key of the stored wildcard options under the job's prefix: ``{name: [option, ...]}``."""
 EXPANSION_COLUMNS = {"source_prompt": "str", "revised_prompt": "str", "expander": "str",
@@ -69,208 +74,6 @@ image model saw, the expander (``template`` without a language model) and its ve
 tokens the language model wrote (0 for templates)."""
 TEMPLATE_EXPANDER = "template"
 """The ``expander`` of a job that expands templates without a language model."""
-PROMPT_SLOT = "prompt"
-"""``{prompt}`` in a template is the item's source prompt."""
-_WILDCARD_RE = re.compile(r"__([A-Za-z0-9](?:[A-Za-z0-9.-]|_(?!_))*)__")
-_GROUP_CHARS = "{|}"
-
-
-# --------------------------------------------------------------------------- templates
-
-
-@dataclass(frozen=True)
-class _Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class _Slot:
-    """``{prompt}``."""
-
-
-@dataclass(frozen=True)
-class _Wildcard:
-    name: str
-
-
-@dataclass(frozen=True)
-class _Choice:
-    options: tuple[tuple, ...]
-    """Each option is a sequence of nodes."""
-
-
-@dataclass(frozen=True)
-class Template:
-    """A parsed template: nodes of text, ``{prompt}``, ``__wildcard__`` and ``{a|b}`` choices."""
-
-    source: str
-    nodes: tuple
-
-    @property
-    def wildcards(self) -> list[str]:
-        """The wildcard names the template uses, in order of first use."""
-        found: dict[str, None] = {}
-
-        def walk(nodes):
-            for n in nodes:
-                if isinstance(n, _Wildcard):
-                    found[n.name] = None
-                elif isinstance(n, _Choice):
-                    for o in n.options:
-                        walk(o)
-
-        walk(self.nodes)
-        return list(found)
-
-    @property
-    def is_literal(self) -> bool:
-        """True when the template is exactly ``{prompt}`` (expansion leaves the prompt unchanged)."""
-        return self.nodes == (_Slot(),)
-
-    def render(self, prompt: str, seed: int, wildcards: Mapping[str, Sequence[str]]) -> str:
-        """Expand for one unit: ``{prompt}`` → ``prompt``; each choice uniform from ``default_rng(seed)``.
-
-        Raises:
-            KeyError: a wildcard missing from ``wildcards`` (validated at submit, so a worker never sees it).
-        """
-        rng = np.random.default_rng(seed)
-        out: list[str] = []
-
-        def walk(nodes):
-            for n in nodes:
-                if isinstance(n, _Text):
-                    out.append(n.text)
-                elif isinstance(n, _Slot):
-                    out.append(prompt)
-                elif isinstance(n, _Wildcard):
-                    options = wildcards[n.name]
-                    out.append(options[int(rng.integers(len(options)))])
-                else:
-                    walk(n.options[int(rng.integers(len(n.options)))])
-
-        walk(self.nodes)
-        return "".join(out)
-
-
-def parse_template(text: str) -> Template:
-    """Parse a template (see the module docstring for its syntax).
-
-    Raises:
-        ValueError: unbalanced ``{``/``}``, a ``|`` outside braces, or a group that is neither
-            ``{prompt}`` nor has two or more alternatives; the message gives the character position.
-    """
-    pos = 0
-
-    def parse(depth: int) -> tuple[list[tuple], int]:
-        nonlocal pos
-        options: list[tuple] = []
-        current: list = []
-        buf: list[str] = []
-
-        def flush():
-            if buf:
-                current.extend(_split_wildcards("".join(buf)))
-                buf.clear()
-
-        start = pos - 1
-        while pos < len(text):
-            ch = text[pos]
-            pos += 1
-            if ch == "{":
-                flush()
-                inner = parse(depth + 1)
-                current.append(inner)
-            elif ch == "}":
-                if depth == 0:
-                    raise ValueError(f"unbalanced '}}' at character {pos - 1} (no '{{' before it)")
-                flush()
-                options.append(tuple(current))
-                return options, start
-            elif ch == "|":
-                if depth == 0:
-                    raise ValueError(f"'|' at character {pos - 1} is outside any {{...}} group")
-                flush()
-                options.append(tuple(current))
-                current = []
-            else:
-                buf.append(ch)
-        if depth > 0:
-            raise ValueError(f"unbalanced '{{' at character {start}: no '}}' closes it")
-        flush()
-        options.append(tuple(current))
-        return options, start
-
-    def build(nodes_or_group) -> tuple:
-        out = []
-        for n in nodes_or_group:
-            if isinstance(n, tuple) and len(n) == 2 and isinstance(n[0], list):
-                options, at = n
-                if len(options) == 1:
-                    only = options[0]
-                    if len(only) == 1 and isinstance(only[0], _Text) and only[0].text == PROMPT_SLOT:
-                        out.append(_Slot())
-                        continue
-                    raise ValueError(f"the group at character {at} has one alternative; write {{a|b}} "
-                                     f"for a choice or {{{PROMPT_SLOT}}} for the source prompt")
-                out.append(_Choice(tuple(build(o) for o in options)))
-            else:
-                out.append(n)
-        return tuple(out)
-
-    top, _ = parse(0)
-    return Template(text, build(top[0]))
-
-
-def _split_wildcards(text: str) -> list:
-    out: list = []
-    last = 0
-    for m in _WILDCARD_RE.finditer(text):
-        if m.start() > last:
-            out.append(_Text(text[last:m.start()]))
-        out.append(_Wildcard(m.group(1)))
-        last = m.end()
-    if last < len(text):
-        out.append(_Text(text[last:]))
-    return out
-
-
-# --------------------------------------------------------------------------- wildcard files
-
-
-def read_wildcard_file(path: Path) -> list[str]:
-    """The options of one wildcard file: its non-blank lines not starting with ``#``, stripped.
-
-    Raises:
-        ValidationError: ``field="expand.wildcards_dir"``: the file is missing, unreadable, too
-            large, not UTF-8, or has no options.
-    """
-    field = "expand.wildcards_dir"
-    if not path.is_file():
-        raise ValidationError(f"wildcard file {str(path)!r} does not exist", field=field)
-    if path.stat().st_size > MAX_WILDCARD_BYTES:
-        raise ValidationError(f"wildcard file {str(path)!r} is over {MAX_WILDCARD_BYTES:,} bytes", field=field)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValidationError(f"cannot read wildcard file {str(path)!r}: {e}", field=field) from e
-    options = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not options:
-        raise ValidationError(f"wildcard file {str(path)!r} has no options", field=field)
-    if len(options) > MAX_WILDCARD_OPTIONS:
-        raise ValidationError(f"wildcard file {str(path)!r} has {len(options):,} options; the limit is "
-                              f"{MAX_WILDCARD_OPTIONS:,}", field=field)
-    return options
-
-
-def wildcards_json(options: Mapping[str, Sequence[str]]) -> bytes:
-    """The stored form of a job's wildcard options: canonical JSON (sorted names), UTF-8."""
-    return json.dumps({k: list(options[k]) for k in sorted(options)}, ensure_ascii=False,
-                      separators=(",", ":")).encode("utf-8")
-
-
-def wildcards_sha256(options: Mapping[str, Sequence[str]]) -> str:
-    """sha256 of :func:`wildcards_json`: what the spec pins."""
-    return hashlib.sha256(wildcards_json(options)).hexdigest()
 
 
 # --------------------------------------------------------------------------- the job option
