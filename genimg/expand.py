@@ -175,12 +175,15 @@ def load_wildcards(template: str, directory: str | Path | None) -> dict[str, lis
 
     Raises:
         ValidationError: ``expand.template`` for a malformed template or a wildcard without a
-            directory; ``expand.wildcards_dir`` for a missing or bad file.
+            directory; ``expand.wildcards_dir`` for a directory that is not one (even when the template
+            uses no wildcard), or a missing or bad file.
     """
     try:
         names = parse_template(template).wildcards
     except ValueError as e:
         raise ValidationError(str(e), field="expand.template") from None
+    if directory is not None and not Path(directory).is_dir():
+        raise ValidationError(f"{str(directory)!r} is not a directory", field="expand.wildcards_dir")
     if not names:
         return {}
     if len(names) > MAX_WILDCARDS:

@@ -19,6 +19,7 @@ iterable, from 0) and what is wrong.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -306,6 +307,34 @@ def chunk_prompts(prompts: Iterable[str], chunk_size: int) -> Iterator[list[str]
     it = iter(prompts)
     while chunk := list(islice(it, chunk_size)):
         yield chunk
+
+
+def prompts_digest(chunks: Iterable[list[str]]) -> tuple[int, str]:
+    """Count and sha256 of a prompt stream (chunks from :func:`chunk_prompts`), without storing it.
+
+    Each prompt is hashed as its JSON string plus ``\n``, in order, so the digest does not depend on
+    the chunk size. Returns ``(num_prompts, hex digest)``.
+    """
+    h = PromptHasher()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.count, h.hexdigest()
+
+
+class PromptHasher:
+    """Running count and sha256 of prompts (see :func:`prompts_digest`)."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.count = 0
+
+    def update(self, prompts: list[str]) -> None:
+        for prompt in prompts:
+            self._h.update(json.dumps(prompt, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.count += len(prompts)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def encode_prompt_chunk(prompts: list[str]) -> bytes:

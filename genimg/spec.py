@@ -338,6 +338,9 @@ class JobSpec(BaseModel):
         negative_prompt: text for the profile's negative-prompt input (only profiles with one).
         count: noise profiles only: number of images, 1..``MAX_TOTAL_ITEMS``.
         num_prompts: text profiles only: number of prompts stored, >= 1.
+        prompts_sha256: text profiles only: sha256 of the prompts as stored, in order
+            (:func:`genimg.inputs.prompts_digest`); set by the producer once every prompt is stored, so
+            that reusing an idempotency key with other prompts is a conflict, not the old job.
         prompt_chunk_size: text profiles only: prompts per stored chunk, 1..10,000.
         images_per_prompt: 1..64 for text profiles; must be 1 for noise profiles.
         seed: job seed, 0..2**63-1; item seeds derive from it (:func:`item_seed`).
@@ -370,6 +373,7 @@ class JobSpec(BaseModel):
     negative_prompt: str | None = None
     count: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
     num_prompts: _Int | None = Field(default=None, ge=1, le=MAX_TOTAL_ITEMS)
+    prompts_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
     images_per_prompt: _Int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     seed: _Int = Field(default=0, ge=0, le=MAX_SEED)

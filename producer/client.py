@@ -49,7 +49,14 @@ from genimg.errors import (
 )
 from genimg.expand import WILDCARDS_OBJECT, wildcards_json
 from genimg.expand import prepare as prepare_expand
-from genimg.inputs import chunk_prompts, encode_prompt_chunk, iter_prompts, prompt_chunk_key
+from genimg.inputs import (
+    PromptHasher,
+    chunk_prompts,
+    encode_prompt_chunk,
+    iter_prompts,
+    prompt_chunk_key,
+    prompts_digest,
+)
 from genimg.jobs import SPEC_OBJECT
 from genimg.profiles import load_profiles
 from genimg.queue import Keys, celery_priority, describe_redis_error
@@ -312,11 +319,11 @@ class Client:
             raise ValidationError(f"profile {model!r} is a noise profile: it takes count, not prompts",
                                   field="prompts")
         expand_fields, wildcards = prepare_expand(expand)
-        for name, options in wildcards.items():
+        for wildcard, options in wildcards.items():
             for line in options:
                 problem = prompt_problem(line)
                 if problem is not None:
-                    raise ValidationError(f"wildcard file {name}.txt: option {line[:40]!r} {problem}",
+                    raise ValidationError(f"wildcard file {wildcard}.txt: option {line[:40]!r} {problem}",
                                           field="expand.wildcards_dir")
         fields: dict[str, Any] = {
             "expand": expand_fields,
@@ -351,16 +358,19 @@ class Client:
                 if raw is None and f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
                     raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
                 if raw is not None:  # else the first submit is still storing prompts: nothing to compare yet
-                    _check_same_request(JobSpec.from_json(raw, settings=self.spec_settings), spec)
+                    stored = JobSpec.from_json(raw, settings=self.spec_settings)
+                    _check_same_request(stored, spec)
+                    _check_same_prompts(stored, stream)
                 log.info("idempotency key already used by job %s; nothing enqueued", spec.job_id)
                 return Job(self, spec.job_id, output=spec.output)
             if f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
-                return self._adopt_stored_job(spec, store, layout, idem)
+                return self._adopt_stored_job(spec, store, layout, idem, stream)
 
         try:
             if stream is not None:
-                n = self._store_prompts(stream, spec, store, layout, fields)
-                spec = JobSpec.create(settings=self.spec_settings, profiles=profiles, **fields, num_prompts=n)
+                n, digest = self._store_prompts(stream, spec, store, layout, fields)
+                spec = JobSpec.create(settings=self.spec_settings, profiles=profiles, **fields, num_prompts=n,
+                                      prompts_sha256=digest)
             if wildcards:
                 store.put_bytes(f"{layout.job_prefix}/{WILDCARDS_OBJECT}", wildcards_json(wildcards),
                                 "application/json")
@@ -376,12 +386,14 @@ class Client:
         self.enqueue_shards(spec, range(spec.shard_plan().num_shards))
         return Job(self, spec.job_id, spec=spec)
 
-    def _adopt_stored_job(self, spec: JobSpec, store: ManagedStore, layout: Layout, idem: str) -> Job:
+    def _adopt_stored_job(self, spec: JobSpec, store: ManagedStore, layout: Layout, idem: str,
+                          stream: Iterable[str] | None) -> Job:
         """Same idempotency key, Redis lost, job.json in storage: re-register the stored job."""
         stored = JobSpec.from_json(store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}"),
                                    settings=self.spec_settings)
         try:
             _check_same_request(stored, spec)
+            _check_same_prompts(stored, stream)
         except ConflictError:
             self.redis_call("release idempotency key", self.redis.delete, idem)
             raise
@@ -392,17 +404,19 @@ class Client:
         return Job(self, stored.job_id, spec=stored)
 
     def _store_prompts(self, stream: Iterable[str], spec: JobSpec, store: ManagedStore, layout: Layout,
-                       fields: dict[str, Any]) -> int:
-        """Upload prompt chunks while counting them; returns the number of prompts."""
+                       fields: dict[str, Any]) -> tuple[int, str]:
+        """Upload prompt chunks while counting and hashing them; returns ``(num_prompts, sha256)``."""
         assert spec.prompt_chunk_size is not None
         ipp, chunk_size = spec.images_per_prompt, spec.prompt_chunk_size
         most = min(MAX_TOTAL_ITEMS, MAX_SHARDS * spec.shard_size) // ipp
         n = 0
+        hasher = PromptHasher()
         pending: deque[Future[Any]] = deque()
         with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="genimg-upload") as pool:
             try:
                 for c, chunk in enumerate(chunk_prompts(stream, chunk_size)):
                     n += len(chunk)
+                    hasher.update(chunk)
                     if n > most:  # JobSpec says which limit, naming the field
                         JobSpec.create(settings=self.spec_settings, **fields, num_prompts=n)
                     key = f"{layout.job_prefix}/{prompt_chunk_key(c)}"
@@ -416,7 +430,7 @@ class Client:
                 for f in pending:
                     f.cancel()
                 raise
-        return n
+        return n, hasher.hexdigest()
 
     def _discard(self, store: ManagedStore, layout: Layout, idem: str | None) -> None:
         """Undo a failed submit: delete what was stored and release the idempotency key."""
@@ -483,9 +497,10 @@ def _open_prompts(prompts: Any, column: str | None, fmt: str | None) -> Iterable
         raise
 
 
-_NOT_COMPARED = frozenset({"schema_version", "job_id", "created_at", "num_prompts"})
-"""Spec fields an idempotent resubmit may differ in: derived ones, and the prompt count (prompts are
-streamed into storage, not kept; it is only known after they have all been read)."""
+_NOT_COMPARED = frozenset({"schema_version", "job_id", "created_at", "num_prompts", "prompts_sha256"})
+"""Spec fields an idempotent resubmit may differ in: derived ones, and the prompt count and digest (prompts
+are streamed into storage, not kept; they are only known after they have all been read, and
+:func:`_check_same_prompts` compares them)."""
 
 
 def _check_same_request(stored: JobSpec, new: JobSpec) -> None:
@@ -501,6 +516,27 @@ def _check_same_request(stored: JobSpec, new: JobSpec) -> None:
         raise ConflictError(f"idempotency key {new.idempotency_key!r} was already used for job {stored.job_id} "
                             f"with a different spec ({shown}); use a new key for a new job",
                             key=new.idempotency_key or "")
+
+
+def _check_same_prompts(stored: JobSpec, stream: Iterable[str] | None) -> None:
+    """Raise :class:`ConflictError` unless ``stream`` holds the prompts ``stored`` was made from.
+
+    Reads the resubmitted prompts once (count and sha256, nothing stored). A spec stored before
+    ``prompts_sha256`` existed is compared by count only.
+
+    Raises:
+        ConflictError: naming the key, the counts and the digests.
+    """
+    if stream is None or stored.num_prompts is None:
+        return
+    assert stored.prompt_chunk_size is not None
+    n, digest = prompts_digest(chunk_prompts(stream, stored.prompt_chunk_size))
+    if n == stored.num_prompts and stored.prompts_sha256 in (None, digest):
+        return
+    raise ConflictError(f"idempotency key {stored.idempotency_key!r} was already used for job {stored.job_id} "
+                        f"with other prompts ({stored.num_prompts:,} prompts, sha256 "
+                        f"{(stored.prompts_sha256 or '?')[:12]}…; now {n:,}, sha256 {digest[:12]}…); "
+                        f"use a new key for a new job", key=stored.idempotency_key or "")
 
 
 def _check_job_id(job_id: object) -> None:

@@ -449,9 +449,11 @@ def demo(
     for name, s in overall["jobs"].items():
         agree = ""
         if s.get("verifier_agreement") is not None:
+            parts = [f"{label} {s[key]:.1%}" for label, key in (("spelled right", "verifier_agreement_spelled"),
+                                                                  ("misspelled", "verifier_agreement_misspelled"))
+                     if s.get(key) is not None]  # a part with no prompts says nothing rather than 0.0 %
             agree = (f", verifier agrees with the prompt's digit on {s['verifier_agreement']:.1%}"
-                     f" (spelled right {s['verifier_agreement_spelled'] or 0:.1%}, misspelled "
-                     f"{s['verifier_agreement_misspelled'] or 0:.1%})")
+                     + (f" ({', '.join(parts)})" if parts else ""))
         typer.echo(f"{name}: {s['images_ok']} images ok, {s['images_failed']} failed, {s['images_per_s']:.1f} img/s"
                    f"{agree} -> {out / name}")
     typer.echo(f"all jobs: {overall['images_ok']} images in {overall['jobs_wall_s']:.1f} s "

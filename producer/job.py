@@ -224,11 +224,19 @@ class Job:
         """Cancel the job: no shard starts from now on; shards already running finish.
 
         Queued messages stay in Redis; a worker that receives one sees the
-        ``cancelled`` state and skips it.
+        ``cancelled`` state and skips it. A job that has already finished
+        (``succeeded`` or ``failed``) keeps its state: there is nothing left to cancel.
+
+        Returns:
+            The job's status after the call (``cancelled``, or the finished state it kept).
 
         Raises:
             QueueUnavailableError: Redis is unreachable.
         """
+        before = self.status()
+        if before.state in ("succeeded", "failed"):
+            log.info("job %s already %s; nothing to cancel", self.job_id, before.state)
+            return before
         r, keys = self._client.redis, self._client.keys
         self._client.redis_call("cancel", r.set, keys.job(self.job_id, "state"), b"cancelled")
         log.info("cancelled job %s", self.job_id)

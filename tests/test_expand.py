@@ -85,6 +85,8 @@ BAD_EXPAND = [
     ("unbalanced_braces", {"template": "{red|green {prompt}"}, "expand.template"),
     ("missing_wildcard_file", {"template": "__colour__ {prompt}", "wildcards_dir": "WILD"}, "expand.wildcards_dir"),
     ("wildcard_without_directory", {"template": "__colour__ {prompt}"}, "expand.template"),
+    ("wildcards_dir_missing_unused", {"template": "{a|b} {prompt}", "wildcards_dir": "/nonexistent/wild"},
+     "expand.wildcards_dir"),
     ("instruction_without_slot", {"instruction": "Describe it."}, "expand.instruction"),
     ("unknown_option", {"top_p": 0.9}, "expand.top_p"),
     ("not_a_mapping", "describe", "expand"),
@@ -137,3 +139,13 @@ def test_workers_wait_for_the_prompt_expander_unless_told_none(monkeypatch: pyte
     assert "prompt_expander" in required_models()
     monkeypatch.setenv("GENIMG_TRITON_EXPANDER", "")
     assert "prompt_expander" not in required_models()
+
+
+def test_a_wildcard_file_does_not_rename_the_job(shared_producer_env: ProducerEnv, tmp_path: Path):
+    # Field report (new-user walkthrough): a job with wildcards took the last wildcard's name as its own.
+    env = shared_producer_env
+    (tmp_path / "style.txt").write_text("oil\nwatercolour\n")
+    expand = {"template": "__style__ {prompt}", "model": None, "wildcards_dir": str(tmp_path)}
+    unnamed = env.client.submit(["a cat"], output=env.output, expand=expand)
+    named = env.client.submit(["a cat"], output=env.output, expand=expand, name="run-a")
+    assert (unnamed.spec.name, named.spec.name) == (None, "run-a")

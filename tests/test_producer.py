@@ -241,6 +241,26 @@ def test_an_idempotency_key_reused_with_a_different_spec_is_a_conflict_naming_th
     assert again.job_id == first.job_id
 
 
+def test_an_idempotency_key_reused_with_other_prompts_is_a_conflict_and_stores_nothing(producer_env: ProducerEnv):
+    # Field report (new-user walkthrough): the same key with other prompts returned the old job, silently.
+    env = producer_env
+    first = env.client.submit(["a seven", "a two"], shard_size=10, output=env.output, idempotency_key="p-1")
+    assert first.spec.num_prompts == 2 and len(first.spec.prompts_sha256) == 64
+    before = (env.stored_keys(), len(env.messages()))
+    for other in (["a three", "a two"], ["a seven"], ["a seven", "a two", "a one"], ["a two", "a seven"]):
+        with pytest.raises(ConflictError, match=r"'p-1'.*other prompts") as info:
+            env.client.submit(other, shard_size=10, output=env.output, idempotency_key="p-1")
+        assert info.value.key == "p-1"
+        assert (env.stored_keys(), len(env.messages())) == before
+    same = env.client.submit(iter(["a seven", "a two"]), shard_size=10, output=env.output, idempotency_key="p-1")
+    assert same.job_id == first.job_id and len(env.messages()) == before[1]
+    env.forget_job(first.job_id)  # Redis lost the job: the stored job.json's digest is compared
+    with pytest.raises(ConflictError, match="other prompts"):
+        env.client.submit(["a three", "a two"], shard_size=10, output=env.output, idempotency_key="p-1")
+    assert env.client.submit(["a seven", "a two"], shard_size=10, output=env.output,
+                             idempotency_key="p-1").job_id == first.job_id
+
+
 def test_cli_submit_exits_2_naming_the_key_when_it_was_used_for_another_spec(producer_env: ProducerEnv):
     import os
     import subprocess
@@ -288,6 +308,19 @@ def test_cancel_sets_the_state_cancelled_and_wait_returns_at_once(producer_env: 
     assert jobs.is_cancelled(env.redis, env.client.keys, job.job_id)
     assert env.client.job(job.job_id).status().state == "cancelled"
     assert job.wait(progress=False, timeout_s=5, poll_s=0.05).state == "cancelled"
+
+
+def test_cancel_leaves_a_finished_job_in_its_finished_state(producer_env: ProducerEnv):
+    # Field report (new-user walkthrough): cancelling a succeeded job turned it into "cancelled".
+    env = producer_env
+    done = env.client.submit(count=20, shard_size=10, output=env.output)
+    failed = env.client.submit(count=20, shard_size=10, output=env.output)
+    for shard in (0, 1):
+        commit(env, done.spec, shard)
+        commit(env, failed.spec, shard, failed=(3,) if shard == 0 else ())
+    assert (done.cancel().state, failed.cancel().state) == ("succeeded", "failed")
+    assert not jobs.is_cancelled(env.redis, env.client.keys, done.job_id)
+    assert env.client.job(done.job_id).status().state == "succeeded"
 
 
 def test_resume_after_redis_loss_reenqueues_exactly_the_uncommitted_shards(producer_env: ProducerEnv):
