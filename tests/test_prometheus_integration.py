@@ -236,8 +236,10 @@ def test_recording_rules_give_throughput_stage_time_and_triton_batching_during_t
     at = observed.busy_s
     prom = observed.prom
     assert prom.value('genimg:images_written:rate1m{model="txt2img"}', at) > 0
-    stages = {r["metric"]["stage"] for r in prom.query("genimg:stage_seconds_per_image:rate5m", at)}
-    assert stages == {"infer", "encode", "upload", "shard"}
+    stages = {r["metric"]["stage"]: float(r["value"][1])
+              for r in prom.query("genimg:stage_seconds_per_image:rate5m", at)}
+    assert set(stages) == {"infer", "encode", "upload", "shard", "expand"}  # every stage exported from the start
+    assert stages["expand"] == 0 and stages["infer"] > 0  # this job has no prompt expansion
     assert prom.value('model:nv_inference_batch_size:avg_rate5m{model="txt2img"}', at) >= 1
     assert prom.value('model:nv_inference_queue_seconds_per_request:rate5m{model="txt2img"}', at) >= 0
     assert prom.value('model:nv_inference_compute_seconds_per_request:rate5m{model="txt2img"}', at) > 0
