@@ -1,4 +1,4 @@
-# genimg — the two commands: `make demo` (the main job end to end) and `make test` (the whole suite).
+# genimg — the two commands: `make demo` (the main job end to end) and `make test` (lint, then the whole suite).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ EXTRAS ?= serve,train,local,test
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test test-fast soak chaos bench scale eval clean images deploy-check
+.PHONY: venv lint demo test test-fast soak chaos bench scale eval clean images deploy-check
 
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ demo: venv $(REPO)/genimg_repository.json
 eval: venv
 	$(VENV)/bin/genimg models eval --json --sheet demo-out/models_sheet.png
 
-test: venv
+# Static checks ([tool.ruff] and [tool.mypy] in pyproject.toml); `make test` runs them first.
+lint: venv
+	$(VENV)/bin/ruff check genimg workers producer
+	$(VENV)/bin/mypy
+
+test: venv lint
 	bash scripts/test-services.sh $(PY) -m pytest -q -m "not soak"
 
 test-fast: venv
