@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from genimg.errors import ValidationError
 from genimg.templates import (  # noqa: F401  (re-exported: the job option's template API)
@@ -298,7 +298,7 @@ class ShardExpander:
         self.seeds = {u: int(s) for u, s in zip(units, seeds)}
         self.templated = {u: template.render(first[u], self.seeds[u], wildcards) for u in units}
         self.seconds = 0.0
-        self._futures: dict[int, "Future[dict[int, Expansion]]"] = {}
+        self._futures: dict[int, Future[dict[int, Expansion]]] = {}
         self._pool = None
         if not opts.uses_model:
             for u in units:

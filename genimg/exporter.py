@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from typing import Annotated, Optional
+from typing import Annotated
 
 import pydantic
 import redis
@@ -133,20 +133,20 @@ def start_exporter(registry: CollectorRegistry, port: int, addr: str = "0.0.0.0"
 
 
 def exporter(
-    port: Annotated[Optional[int], typer.Option(
+    port: Annotated[int | None, typer.Option(
         "--port", envvar="GENIMG_EXPORTER_PORT", show_default=False,
         help=f"Listen port (default {DEFAULT_PORT}).")] = None,
-    addr: Annotated[Optional[str], typer.Option(
+    addr: Annotated[str | None, typer.Option(
         "--addr", envvar="GENIMG_EXPORTER_ADDR", show_default=False,
         help="Listen address (default 0.0.0.0).")] = None,
-    queue: Annotated[Optional[list[str]], typer.Option(
+    queue: Annotated[list[str] | None, typer.Option(
         "--queue", envvar="GENIMG_QUEUE", show_default=False,
         help="Celery queue, as the workers' GENIMG_QUEUE; repeat for several (default genimg).")] = None,
-    redis_url: Annotated[Optional[str], typer.Option(
+    redis_url: Annotated[str | None, typer.Option(
         "--redis-url", envvar="GENIMG_REDIS_URL", show_default=False,
         help="Broker URL, redis:// or rediss:// (default redis://127.0.0.1:6379/0); passwords are never "
              "printed.")] = None,
-    global_keyprefix: Annotated[Optional[str], typer.Option(
+    global_keyprefix: Annotated[str | None, typer.Option(
         "--global-keyprefix", envvar="GENIMG_BROKER_GLOBAL_KEYPREFIX", show_default=False,
         help="kombu's global_keyprefix transport option, if the broker uses one.")] = None,
 ) -> None:

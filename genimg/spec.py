@@ -25,13 +25,12 @@ import math
 import numbers
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-import numpy as np
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
 
@@ -468,7 +467,7 @@ class JobSpec(BaseModel):
                 except ValidationError as e:
                     raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if data.get("created_at") is None:
-                data["created_at"] = datetime.now(timezone.utc)
+                data["created_at"] = datetime.now(UTC)
             size = data.get("shard_size", 1_000)
             if data.get("manifest_part_shards") is None and type(size) is int and size >= 1:
                 data["manifest_part_shards"] = manifest_part_shards_for(size)
@@ -521,7 +520,7 @@ class JobSpec(BaseModel):
     def _check_created_at(cls, value: datetime) -> datetime:
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("must be timezone-aware (e.g. datetime.now(timezone.utc))")
-        return value.astimezone(timezone.utc)
+        return value.astimezone(UTC)
 
     @pydantic.model_validator(mode="after")
     def _check_consistency(self) -> JobSpec:

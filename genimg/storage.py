@@ -49,7 +49,7 @@ import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import boto3
@@ -833,10 +833,10 @@ class S3Store:
         """
         cutoff = None
         if older_than_s is not None:
-            cutoff = datetime.now(timezone.utc) - timedelta(seconds=older_than_s)
+            cutoff = datetime.now(UTC) - timedelta(seconds=older_than_s)
         aborted = 0
         for up in self.list_multipart_uploads(prefix):
-            initiated = up.initiated if up.initiated.tzinfo else up.initiated.replace(tzinfo=timezone.utc)
+            initiated = up.initiated if up.initiated.tzinfo else up.initiated.replace(tzinfo=UTC)
             if cutoff is not None and initiated > cutoff:
                 continue
             try:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -42,18 +42,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # ---- shared options (typer.Option defaults are None: Client and JobSpec fill in the rest)
 
-RedisUrl = Annotated[Optional[str], typer.Option(
+RedisUrl = Annotated[str | None, typer.Option(
     "--redis-url", envvar="GENIMG_REDIS_URL", show_default=False,
     help="Broker URL, redis:// or rediss:// (default redis://127.0.0.1:6379/0); passwords are never printed.")]
-Queue = Annotated[Optional[str], typer.Option("--queue", envvar="GENIMG_QUEUE", help="Celery queue (default: genimg).")]
-KeyPrefix = Annotated[Optional[str], typer.Option("--key-prefix", envvar="GENIMG_KEY_PREFIX",
+Queue = Annotated[str | None, typer.Option("--queue", envvar="GENIMG_QUEUE", help="Celery queue (default: genimg).")]
+KeyPrefix = Annotated[str | None, typer.Option("--key-prefix", envvar="GENIMG_KEY_PREFIX",
                                                   help="Prefix of genimg's Redis keys (default: genimg).")]
 JsonOut = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 JobId = Annotated[str, typer.Argument(help="Job id (32 hex digits), as printed by submit.", show_default=False)]
-OutputHint = Annotated[Optional[str], typer.Option(
+OutputHint = Annotated[str | None, typer.Option(
     "--output", envvar="GENIMG_OUTPUT",
     help="The job's output URL: finds job.json in storage when Redis no longer knows the job.")]
-TimeoutS = Annotated[Optional[float], typer.Option("--timeout-s", help="Stop waiting after this many seconds (exit 124).")]
+TimeoutS = Annotated[float | None, typer.Option("--timeout-s", help="Stop waiting after this many seconds (exit 124).")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
 
 
@@ -132,68 +132,68 @@ def _params(items: list[str], model: str | None) -> dict[str, Any]:
 
 
 def submit(
-    prompts_file: Annotated[Optional[Path], typer.Option(
+    prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="Prompt file: .txt (one a line), .jsonl, .csv or .parquet; streamed.",
         show_default=False)] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(
+    prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="A prompt (repeat for more).", show_default=False)] = None,
-    count: Annotated[Optional[int], typer.Option("--count", help="Number of images (noise profiles).",
+    count: Annotated[int | None, typer.Option("--count", help="Number of images (noise profiles).",
                                                  show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", envvar="GENIMG_MODEL",
         help="A model profile (genimg models list); default txt2img with prompts, noise2img with --count.")] = None,
-    param: Annotated[Optional[list[str]], typer.Option(
+    param: Annotated[list[str] | None, typer.Option(
         "--param", help="A generation parameter KEY=VALUE of the profile (repeat); KEY=1,50,100 is a sweep.",
         show_default=False)] = None,
-    negative_prompt: Annotated[Optional[str], typer.Option(
+    negative_prompt: Annotated[str | None, typer.Option(
         "--negative-prompt", help="Negative prompt, for profiles that take one.", show_default=False)] = None,
-    images_per_prompt: Annotated[Optional[int], typer.Option(
+    images_per_prompt: Annotated[int | None, typer.Option(
         "--images-per-prompt", help="Images per prompt, 1-64 (default: 1).")] = None,
-    output: Annotated[Optional[str], typer.Option(
+    output: Annotated[str | None, typer.Option(
         "--output", envvar="GENIMG_OUTPUT", help="s3://bucket/prefix, or file:///dir under GENIMG_LOCAL_OUTPUT_ROOT.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Job seed, 0..2**63-1 (default: 0).")] = None,
-    image_format: Annotated[Optional[str], typer.Option(
+    seed: Annotated[int | None, typer.Option("--seed", help="Job seed, 0..2**63-1 (default: 0).")] = None,
+    image_format: Annotated[str | None, typer.Option(
         "--image-format", envvar="GENIMG_IMAGE_FORMAT", help="png, webp or jpeg (default: png).")] = None,
-    quality: Annotated[Optional[int], typer.Option("--quality", help="1-100 for webp/jpeg (default: 95).")] = None,
-    shard_size: Annotated[Optional[int], typer.Option(
+    quality: Annotated[int | None, typer.Option("--quality", help="1-100 for webp/jpeg (default: 95).")] = None,
+    shard_size: Annotated[int | None, typer.Option(
         "--shard-size", envvar="GENIMG_SHARD_SIZE", help="Images per shard, 1-10000 (default: 1000).")] = None,
-    sub_batch_size: Annotated[Optional[int], typer.Option(
+    sub_batch_size: Annotated[int | None, typer.Option(
         "--sub-batch-size", help="Images per Triton request, 1-256 (default: 64).")] = None,
-    upscale: Annotated[Optional[bool], typer.Option(
+    upscale: Annotated[bool | None, typer.Option(
         "--upscale/--no-upscale", help="--no-upscale runs the profile's variant without upscaling.",
         show_default=False)] = None,
-    priority: Annotated[Optional[str], typer.Option(
+    priority: Annotated[str | None, typer.Option(
         "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="A label for the job.")] = None,
-    idempotency_key: Annotated[Optional[str], typer.Option(
+    name: Annotated[str | None, typer.Option("--name", help="A label for the job.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(
         "--idempotency-key",
         help="Submitting the same key again returns the same job (exit 2 if its spec differs).")] = None,
-    prompt_column: Annotated[Optional[str], typer.Option(
+    prompt_column: Annotated[str | None, typer.Option(
         "--prompt-column", help="Field/column of .jsonl/.csv/.parquet prompts (default: prompt).")] = None,
-    prompt_format: Annotated[Optional[str], typer.Option(
+    prompt_format: Annotated[str | None, typer.Option(
         "--prompt-format", help="text, jsonl, csv or parquet (default: from the file suffix).")] = None,
-    prompt_chunk_size: Annotated[Optional[int], typer.Option(
+    prompt_chunk_size: Annotated[int | None, typer.Option(
         "--prompt-chunk-size", help="Prompts per stored chunk (default: 1000).")] = None,
     expand: Annotated[bool, typer.Option(
         "--expand", help="Expand prompts: a language model (prompt_expander) writes each image's description; "
                          "implied by any --expand-* option.")] = False,
-    expand_template: Annotated[Optional[str], typer.Option(
+    expand_template: Annotated[str | None, typer.Option(
         "--expand-template", help="Prompt template: {prompt} is the prompt, {a|b|c} picks one per prompt, "
                                   "__name__ picks a line of WILDCARDS_DIR/name.txt.", show_default=False)] = None,
-    expand_model: Annotated[Optional[str], typer.Option(
+    expand_model: Annotated[str | None, typer.Option(
         "--expand-model", help="The Triton model that writes descriptions, or 'none' for templates only "
                                "(default: prompt_expander).", show_default=False)] = None,
-    expand_instruction: Annotated[Optional[str], typer.Option(
+    expand_instruction: Annotated[str | None, typer.Option(
         "--expand-instruction", help="The language model's instruction, with {text} where the text goes.",
         show_default=False)] = None,
-    expand_max_new_tokens: Annotated[Optional[int], typer.Option(
+    expand_max_new_tokens: Annotated[int | None, typer.Option(
         "--expand-max-new-tokens", help="Tokens per description, 1-256 (default: 48).", show_default=False)] = None,
-    expand_temperature: Annotated[Optional[float], typer.Option(
+    expand_temperature: Annotated[float | None, typer.Option(
         "--expand-temperature", help="0 (greedy) to 2 (default: 0.7).", show_default=False)] = None,
-    expand_per: Annotated[Optional[str], typer.Option(
+    expand_per: Annotated[str | None, typer.Option(
         "--expand-per", help="prompt (default: the images of a prompt share one expansion) or item.",
         show_default=False)] = None,
-    wildcards_dir: Annotated[Optional[Path], typer.Option(
+    wildcards_dir: Annotated[Path | None, typer.Option(
         "--wildcards-dir", help="Directory of NAME.txt wildcard files (one option a line) the template uses.",
         show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
@@ -399,12 +399,12 @@ def ls(limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="Most
 def plan(
     model: Annotated[str, typer.Option("--model", help="A model profile (genimg models list).", show_default=False)],
     count: Annotated[int, typer.Option("--count", min=1, help="Images the job makes.", show_default=False)],
-    gpus_max: Annotated[Optional[int], typer.Option(
+    gpus_max: Annotated[int | None, typer.Option(
         "--gpus-max", min=1, help="Most GPU pods (default: maxReplicaCount in deploy/k8s/overlays/gpu).")] = None,
-    images_per_s: Annotated[Optional[float], typer.Option(
+    images_per_s: Annotated[float | None, typer.Option(
         "--images-per-s", min=0.001, help="Images/s of one GPU pod (a published or measured ceiling); default "
         "the profile's measured figure in benchmarks/results/throughput.json.")] = None,
-    image_bytes: Annotated[Optional[float], typer.Option(
+    image_bytes: Annotated[float | None, typer.Option(
         "--image-bytes", min=1, help="Mean bytes of one encoded image (default: measured).")] = None,
     shard_size: Annotated[int, typer.Option("--shard-size", min=1, max=10_000, help="Images per shard.")] = 1_000,
     node_start_s: Annotated[float, typer.Option(
@@ -412,10 +412,10 @@ def plan(
         "engines, Triton).")] = 420.0,
     node_scale_down_s: Annotated[float, typer.Option(
         "--node-scale-down-s", min=0, help="Seconds an empty GPU node stays (cluster autoscaler).")] = 600.0,
-    local_workers: Annotated[Optional[int], typer.Option(
+    local_workers: Annotated[int | None, typer.Option(
         "--local-workers", min=1, help="Plan for the local stack instead: this many workers sharing --cpus, "
         "no autoscaling.")] = None,
-    cpus: Annotated[Optional[float], typer.Option("--cpus", min=0.1, help="CPUs of the local stack "
+    cpus: Annotated[float | None, typer.Option("--cpus", min=0.1, help="CPUs of the local stack "
                                                                           "(default: this machine's).")] = None,
     as_json: JsonOut = False,
 ) -> None:

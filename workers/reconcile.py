@@ -51,7 +51,7 @@ import time
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import redis
 import typer
@@ -403,7 +403,7 @@ def validate_settings() -> tuple[WorkerSettings, ReconcileSettings, Any]:
 
 def reconcile(
     once: Annotated[bool, typer.Option("--once", help="One pass, print what it did, exit.")] = False,
-    port: Annotated[Optional[int], typer.Option(
+    port: Annotated[int | None, typer.Option(
         "--port", help=f"/metrics port, 0 = none (default {DEFAULT_PORT}) [env GENIMG_RECONCILE_PORT].",
         show_default=False)] = None,
 ) -> None:
