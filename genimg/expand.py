@@ -282,8 +282,8 @@ class ShardExpander:
                  wildcards: Mapping[str, Sequence[str]], on_expanded=None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        from genimg.limits import MAX_PROMPT_CHARS
         from genimg.seeds import item_seeds
-        from genimg.spec import MAX_PROMPT_CHARS
 
         opts: ExpandSpec = spec.expand
         self.opts, self.infer, self.limit = opts, infer, MAX_PROMPT_CHARS

@@ -28,13 +28,8 @@ from pathlib import Path
 from typing import IO, Final
 
 from genimg.errors import ValidationError
-from genimg.spec import (
-    MAX_PROMPT_BYTES,
-    MAX_PROMPT_CHUNK_SIZE,
-    MAX_TOTAL_ITEMS,
-    item_to_prompt_index,
-    prompt_problem,
-)
+from genimg.limits import MAX_PROMPT_BYTES, MAX_PROMPT_CHUNK_SIZE, MAX_TOTAL_ITEMS, prompt_problem
+from genimg.shardplan import item_to_prompt_index
 
 FORMATS: Final = ("text", "jsonl", "csv", "parquet")
 """Prompt file formats; ``fmt=None`` infers one from the suffix (see ``SUFFIX_FORMATS``)."""

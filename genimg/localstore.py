@@ -23,13 +23,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
 from genimg.errors import PayloadTooLargeError, StorageError, StorageNotFoundError, ValidationError
 from genimg.storage import ObjectInfo, PutResult, sha256_hex
+from genimg.urls import SEGMENT_RE
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ LOCAL_BUCKET = "local"
 """The ``bucket`` name every :class:`FileStore` reports (a valid S3 name, so
 :class:`genimg.shards.Layout` accepts it); the root directory is what differs."""
 
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=+@,-]+$")
 _TMP_MARK = ".genimg-tmp-"
 
 
@@ -94,7 +93,7 @@ class FileStore:
             raise ValidationError(f"invalid key {key!r}", field="key")
         parts = key.split("/")
         for part in parts:
-            if part in ("", ".", "..") or not _SEGMENT_RE.match(part) or _is_temporary(part):
+            if part in ("", ".", "..") or not SEGMENT_RE.match(part) or _is_temporary(part):
                 raise ValidationError(f"invalid key {key!r}: bad segment {part!r}", field="key")
         return self.root.joinpath(*parts)
 

@@ -47,6 +47,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
+from genimg.limits import MANIFEST_PART_ROWS, MAX_MANIFEST_PART_SHARDS, MAX_MANIFEST_PARTS
+from genimg.shardplan import manifest_part_shards_for
 from genimg.shards import (
     INDEX_SCHEMA,
     STATUS_OK,
@@ -56,12 +58,6 @@ from genimg.shards import (
     index_from_parquet,
     index_schema,
     index_to_parquet,
-)
-from genimg.spec import (
-    MANIFEST_PART_ROWS,
-    MAX_MANIFEST_PART_SHARDS,
-    MAX_MANIFEST_PARTS,
-    manifest_part_shards_for,
 )
 from genimg.storage import ObjectStore, sha256_hex
 

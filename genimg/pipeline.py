@@ -40,8 +40,9 @@ from genimg.profiles.tensors import (
     stage_outputs,
 )
 from genimg.seeds import item_seeds
+from genimg.shardplan import item_to_prompt_index
 from genimg.shards import Layout, ShardItem, commit_shard, index_schema
-from genimg.spec import JobSpec, item_to_prompt_index
+from genimg.spec import JobSpec
 from genimg.storage import ObjectStore
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from genimg.errors import ValidationError
-from genimg.spec import MAX_SEED, MAX_Z_DIM, Z_DIM, _check_int
+from genimg.limits import MAX_SEED, MAX_Z_DIM, check_int
+from genimg.triton.contract import Z_DIM
 
 _M32 = 0xFFFF_FFFF
 
@@ -38,8 +39,8 @@ def item_seed(job_seed: int, item_index: int) -> int:
     Raises:
         ValidationError: ``field="seed"`` or ``"item_index"`` if out of ``[0, 2**63)``.
     """
-    _check_int(job_seed, "seed", 0, MAX_SEED)
-    _check_int(item_index, "item_index", 0, MAX_SEED)
+    check_int(job_seed, "seed", 0, MAX_SEED)
+    check_int(item_index, "item_index", 0, MAX_SEED)
     ss = np.random.SeedSequence(_entropy_words(int(job_seed), int(item_index)))
     return int(ss.generate_state(1, np.uint64)[0])
 
@@ -50,8 +51,8 @@ def noise_from_seed(seed: int, z_dim: int = Z_DIM) -> np.ndarray:
     Returns:
         float32 array of shape ``[z_dim]``, standard normal.
     """
-    _check_int(seed, "item_seed", 0, 2**64 - 1)
-    _check_int(z_dim, "z_dim", 1, MAX_Z_DIM)
+    check_int(seed, "item_seed", 0, 2**64 - 1)
+    check_int(z_dim, "z_dim", 1, MAX_Z_DIM)
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed))))
     return rng.standard_normal(int(z_dim), dtype=np.float32)
 
@@ -87,7 +88,7 @@ def item_seeds(job_seed: int, item_indices: Iterable[int] | np.ndarray) -> np.nd
     Returns:
         uint64 array ``[B]``; element ``k`` is ``item_seed(job_seed, item_indices[k])``.
     """
-    _check_int(job_seed, "seed", 0, MAX_SEED)
+    check_int(job_seed, "seed", 0, MAX_SEED)
     idx = _as_indices(item_indices)
     return np.array([item_seed(job_seed, int(i)) for i in idx], dtype=np.uint64)
 
@@ -103,7 +104,7 @@ def batch_noise(job_seed: int, item_indices: Iterable[int] | np.ndarray, z_dim: 
     Returns:
         float32 array ``[len(item_indices), z_dim]``.
     """
-    _check_int(z_dim, "z_dim", 1, MAX_Z_DIM)
+    check_int(z_dim, "z_dim", 1, MAX_Z_DIM)
     seeds = item_seeds(job_seed, item_indices)
     out = np.empty((len(seeds), int(z_dim)), dtype=np.float32)
     for k, seed in enumerate(seeds.tolist()):

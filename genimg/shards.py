@@ -53,7 +53,8 @@ import pyarrow.parquet as pq
 from genimg.errors import StorageError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
 from genimg.profiles.params import params_json
-from genimg.storage import ObjectStore, parse_url, sha256_hex
+from genimg.storage import ObjectStore, sha256_hex
+from genimg.urls import parse_s3_url
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class Layout:
     def __post_init__(self) -> None:
         if not _JOB_ID_RE.match(self.job_id):
             raise ValidationError(f"job id must match {_JOB_ID_RE.pattern}, got {self.job_id!r}", field="job_id")
-        parse_url(f"s3://{self.bucket}/{self.prefix}")  # validates bucket and prefix
+        parse_s3_url(f"s3://{self.bucket}/{self.prefix}")  # validates bucket and prefix
         if self.prefix != self.prefix.strip("/"):
             raise ValidationError(f"prefix must not start or end with '/': {self.prefix!r}", field="prefix")
 
@@ -167,7 +168,7 @@ class Layout:
         Raises:
             ValidationError: a bad URL or job id.
         """
-        bucket, prefix = parse_url(url)
+        bucket, prefix = parse_s3_url(url)
         return cls(bucket=bucket, prefix=prefix, job_id=job_id)
 
     @property

@@ -1,34 +1,22 @@
-"""Job specification, prompt limits, shard plan and per-item seeds.
+"""The job specification: :class:`JobSpec`, what a producer validates before anything is stored or enqueued,
+and what a worker trusts after re-validating the stored ``job.json``.
 
-This is what a producer validates before anything is stored or enqueued, and
-what a worker trusts after re-validating the stored ``job.json``:
-
-- :class:`JobSpec`: one dataset job (frozen pydantic model, JSON round trip with
-  a schema version). Every user-given value is bounded; an invalid value raises
-  :class:`genimg.errors.ValidationError` whose ``field`` names the first failing
-  field and whose message says what is wrong.
-- :func:`validate_prompt`: the prompt limits (``MAX_PROMPT_CHARS``, ...).
-- :func:`plan_shards`: items ``[0, N)`` cut into contiguous shards, O(1) memory.
-- :func:`item_seed`, :func:`item_noise`, :func:`batch_noise`: an item's seed
-  and generator noise depend on ``(job seed, item index)`` only, never on batch
-  composition, shard size, worker or retry (case C11).
-
-Items are ordered prompt-major: item ``i`` uses prompt ``i // images_per_prompt``
-and is that prompt's image number ``i % images_per_prompt``.
+:class:`JobSpec` is one dataset job (frozen pydantic model, JSON round trip with
+a schema version). Every user-given value is bounded (the bounds and the prompt
+rules are :mod:`genimg.limits`, the output URL rules :mod:`genimg.urls`); an
+invalid value raises :class:`genimg.errors.ValidationError` whose ``field`` names
+the first failing field and whose message says what is wrong. Its shards are a
+:class:`genimg.shardplan.ShardPlan`; its items' seeds are :mod:`genimg.seeds`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import numbers
 import re
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 import pydantic
@@ -36,10 +24,30 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from genimg.errors import ValidationError
 from genimg.expand import ExpandFieldError, ExpandSpec
+from genimg.limits import (
+    DEFAULT_PROMPT_CHUNK_SIZE,
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_IMAGES_PER_PROMPT,
+    MAX_MANIFEST_PART_SHARDS,
+    MAX_MANIFEST_PARTS,
+    MAX_NAME_CHARS,
+    MAX_OUTPUT_URL_CHARS,
+    MAX_PROMPT_CHUNK_SIZE,
+    MAX_SEED,
+    MAX_SHARD_SIZE,
+    MAX_SHARDS,
+    MAX_SPEC_JSON_BYTES,
+    MAX_SUB_BATCH_SIZE,
+    MAX_TOTAL_ITEMS,
+    prompt_problem,
+    short,
+)
 from genimg.profiles.params import resolve_params
 from genimg.profiles.registry import Profiles, load_profiles
 from genimg.profiles.schema import NAME_PATTERN, ModelProfile
 from genimg.settings import SpecSettings
+from genimg.shardplan import ShardPlan, manifest_part_shards_for, plan_shards
+from genimg.urls import validate_output_url
 
 # --------------------------------------------------------------------------- limits
 
@@ -49,41 +57,6 @@ Version 2 stores the resolved model profile and the generation parameters."""
 
 IMAGE_FORMATS: Final = ("png", "webp", "jpeg")
 
-MAX_PROMPT_CHARS: Final = 2_000
-"""Longest prompt, in Unicode code points."""
-MAX_PROMPT_BYTES: Final = 8_000
-"""Longest prompt, in UTF-8 bytes (what Triton's BYTES tensor carries)."""
-
-MAX_IMAGES_PER_PROMPT: Final = 64
-MAX_SEED: Final = 2**63 - 1
-"""Job seeds are in ``[0, MAX_SEED]`` (fits a signed 64-bit integer everywhere)."""
-MAX_TOTAL_ITEMS: Final = 10**9
-"""Most images one job may make (``count``, or ``num_prompts * images_per_prompt``)."""
-MAX_SHARD_SIZE: Final = 10_000
-"""Most items in one shard (one Celery task, one output .tar)."""
-MAX_SHARDS: Final = 1_000_000
-"""Most shards (task messages) one job may enqueue; raise ``shard_size`` for bigger jobs."""
-MAX_SUB_BATCH_SIZE: Final = 256
-MANIFEST_PART_ROWS: Final = 100_000
-"""Rows a manifest part aims at when the job does not say (:func:`manifest_part_shards_for`)."""
-MAX_MANIFEST_PART_SHARDS: Final = 1_000
-"""Most shards one manifest part covers (:mod:`genimg.manifest`)."""
-MAX_MANIFEST_PARTS: Final = 100_000
-"""Most manifest parts of one job (``manifest/part-NNNNN.parquet``)."""
-"""Most items per Triton request batch inside a shard."""
-DEFAULT_PROMPT_CHUNK_SIZE: Final = 1_000
-"""Prompts per stored prompt chunk (``prompts/NNNNNNNNN.json``); worst case ~16 MB."""
-MAX_PROMPT_CHUNK_SIZE: Final = 10_000
-MAX_OUTPUT_URL_CHARS: Final = 512
-"""Longest output URL; leaves room under S3's 1,024-byte key limit for job and shard names."""
-MAX_NAME_CHARS: Final = 64
-MAX_IDEMPOTENCY_KEY_CHARS: Final = 256
-MAX_SPEC_JSON_BYTES: Final = 256 * 1024
-"""Largest stored ``job.json`` that :meth:`JobSpec.from_json` will parse."""
-Z_DIM: Final = 100
-"""Length of the generator's noise vector ``Z`` (FP32)."""
-MAX_Z_DIM: Final = 4_096
-
 PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
 """Named priorities. Priorities are ints 0..9 where a HIGHER number runs sooner;
 the queue layer maps this onto its transport (kombu's Redis transport treats 0
@@ -92,163 +65,7 @@ as the most urgent, so it must send ``9 - priority``)."""
 _JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no spaces
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._=+@,-]+$")
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-# Unicode category Cc (C0, DEL, C1) except TAB, LF, CR.
-_PROMPT_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
-
-# --------------------------------------------------------------------------- prompts
-
-
-def prompt_problem(text: object) -> str | None:
-    """Say what is wrong with a prompt, or ``None`` when it is acceptable.
-
-    The rules (checked in this order, cheapest first, so a 1 MB prompt is
-    refused on its length without being scanned):
-
-    - a ``str`` (not bytes);
-    - at most ``MAX_PROMPT_CHARS`` (2,000) code points and ``MAX_PROMPT_BYTES``
-      (8,000) UTF-8 bytes;
-    - encodable as UTF-8 (no lone surrogates such as ``"\\ud800"``);
-    - no control characters (Unicode category Cc: U+0000-U+001F, U+007F-U+009F)
-      except tab, line feed and carriage return. **A NUL byte is rejected**
-      at the producer with this error (case C5): numpy's fixed-width ``S``/``U``
-      dtypes silently strip trailing NULs, so rejecting them is the only way to
-      promise byte-identical prompts end to end.
-
-    The empty prompt ``""`` is valid and means "no prompt" (unconditional
-    generation through the txt2img path); so is a whitespace-only prompt, which
-    is passed on unchanged.
-    """
-    if not isinstance(text, str):
-        return f"must be a str, got {type(text).__name__}"
-    n_chars = len(text)
-    if n_chars > MAX_PROMPT_CHARS:
-        return f"is {n_chars:,} characters long; the limit is {MAX_PROMPT_CHARS:,} characters"
-    try:
-        n_bytes = len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        bad = ord(text[e.start])
-        return (f"is not valid Unicode (lone surrogate U+{bad:04X} at character {e.start}); "
-                "it cannot be encoded as UTF-8")
-    if n_bytes > MAX_PROMPT_BYTES:
-        return f"is {n_bytes:,} UTF-8 bytes long; the limit is {MAX_PROMPT_BYTES:,} bytes"
-    m = _PROMPT_CONTROL_RE.search(text)
-    if m is not None:
-        return (f"contains control character U+{ord(m.group()):04X} at character {m.start()}; "
-                "only tab, line feed and carriage return are allowed")
-    return None
-
-
-def validate_prompt(text: object) -> str:
-    """Return ``text`` unchanged if it is an acceptable prompt (see :func:`prompt_problem`).
-
-    Raises:
-        ValidationError: with ``field="prompt"`` and the rule it breaks.
-    """
-    problem = prompt_problem(text)
-    if problem is not None:
-        raise ValidationError(f"prompt {problem}", field="prompt")
-    return text  # type: ignore[return-value]  # prompt_problem proved it is a str
-
-
-# --------------------------------------------------------------------------- output URL
-
-
-def validate_output_url(url: str, *, local_output_root: Path | None) -> str:
-    """Check an output URL and return its normal form.
-
-    Accepted:
-
-    - ``s3://bucket`` or ``s3://bucket/prefix``: bucket per S3's naming rules
-      (3-63 of ``a-z 0-9 . -``, starts and ends alphanumeric, not an IP
-      address, no ``..``, no reserved ``xn--``/``sthree-`` prefix or
-      ``-s3alias``/``--ol-s3`` suffix); prefix segments non-empty, of
-      ``A-Za-z0-9 . _ - = + @ ,`` only (so no spaces, backslashes, ``%``,
-      ``?``, ``#`` or control characters), none ``.`` or ``..``. One trailing
-      ``/`` is dropped.
-    - ``file:///absolute/path`` only when ``local_output_root`` is set, the path
-      obeys the same segment rules, and the path with symlinks resolved lies
-      inside the resolved root; the normal form is the resolved path.
-
-    Everything else (``http://``, ``ftp://``, ``S3://``, bare or relative paths,
-    ``file://host/...``) is rejected. ``..`` is rejected anywhere in the URL.
-
-    Args:
-        url: the user's output URL, at most ``MAX_OUTPUT_URL_CHARS`` characters.
-        local_output_root: directory that ``file://`` outputs must stay inside;
-            ``None`` disables ``file://`` outputs.
-
-    Raises:
-        ValidationError: ``field="output"``, saying which rule the URL breaks.
-    """
-
-    def bad(why: str) -> ValidationError:
-        return ValidationError(f"{why} (got {_short(url)})", field="output")
-
-    if not isinstance(url, str):
-        raise bad("must be a str")
-    if len(url) > MAX_OUTPUT_URL_CHARS:
-        raise bad(f"is {len(url):,} characters long; the limit is {MAX_OUTPUT_URL_CHARS}")
-    if ".." in url:
-        raise bad("must not contain '..'")
-    m = _SCHEME_RE.match(url)
-    scheme = m.group(1) if m else ""
-    if scheme == "s3" and url.startswith("s3://"):
-        return _validate_s3_url(url, bad)
-    if scheme == "file" and url.startswith("file://"):
-        return _validate_file_url(url, local_output_root, bad)
-    raise bad(f"unsupported {('scheme ' + repr(scheme)) if scheme else 'form (no scheme)'}; "
-              "use s3://bucket/prefix, or file:///path under GENIMG_LOCAL_OUTPUT_ROOT")
-
-
-def _check_segments(segments: list[str], bad: Any) -> None:
-    for seg in segments:
-        if seg == "":
-            raise bad("must not contain empty path segments ('//')")
-        if seg == ".":
-            raise bad("must not contain '.' path segments")
-        if not _SEGMENT_RE.match(seg):
-            raise bad(f"path segment {_short(seg)} may only use letters, digits and . _ - = + @ ,")
-
-
-def _validate_s3_url(url: str, bad: Any) -> str:
-    rest = url[len("s3://"):]
-    if rest.endswith("/"):
-        rest = rest[:-1]
-    bucket, _, prefix = rest.partition("/")
-    if not _BUCKET_RE.match(bucket):
-        raise bad("bucket name must be 3-63 characters of a-z, 0-9, '.' and '-', "
-                  "starting and ending with a letter or digit")
-    if bucket.startswith(("xn--", "sthree-")) or bucket.endswith(("-s3alias", "--ol-s3")):
-        raise bad("bucket name uses a prefix or suffix that S3 reserves")
-    try:
-        ipaddress.ip_address(bucket)
-    except ValueError:
-        pass
-    else:
-        raise bad("bucket name must not be formatted as an IP address")
-    if prefix or rest.endswith("/"):
-        _check_segments(prefix.split("/"), bad)
-    return f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
-
-
-def _validate_file_url(url: str, root: Path | None, bad: Any) -> str:
-    if root is None:
-        raise bad("file:// outputs are disabled; set GENIMG_LOCAL_OUTPUT_ROOT to allow a local directory")
-    path = url[len("file://"):]
-    if not path.startswith("/"):
-        raise bad("file URLs must be file:///absolute/path (no host, no relative path)")
-    body = path[1:].removesuffix("/")
-    if body:
-        _check_segments(body.split("/"), bad)
-    resolved = Path(path).resolve()
-    root_resolved = Path(root).resolve()
-    if not resolved.is_relative_to(root_resolved):
-        raise bad(f"local output must resolve inside the allowed root {str(root_resolved)!r}")
-    return f"file://{resolved.as_posix()}"
 
 
 # --------------------------------------------------------------------------- job spec
@@ -275,7 +92,7 @@ def _check_idempotency_key(key: object) -> None:
     if not isinstance(key, str) or not (1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS) \
             or not _IDEMPOTENCY_KEY_RE.match(key):
         raise ValidationError(f"must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} visible ASCII characters "
-                              f"(no spaces) (got {_short(key)})", field="idempotency_key")
+                              f"(no spaces) (got {short(key)})", field="idempotency_key")
 
 
 class _FieldError(ValueError):
@@ -301,7 +118,7 @@ def _priority(value: object) -> object:
         key = value.strip().lower()
         if key not in PRIORITY_NAMES:
             raise ValueError(f"must be an integer 0-9 or one of {', '.join(PRIORITY_NAMES)} "
-                             f"(got {_short(value)})")
+                             f"(got {short(value)})")
         return PRIORITY_NAMES[key]
     return _integral(value)
 
@@ -414,7 +231,7 @@ class JobSpec(BaseModel):
             raise ValidationError("is required: the name of a model profile", field="model")
         upscale = fields.get("upscale", True)
         if not isinstance(upscale, bool):
-            raise ValidationError(f"must be a bool (got {_short(upscale)})", field="upscale")
+            raise ValidationError(f"must be a bool (got {short(upscale)})", field="upscale")
         registry = profiles if profiles is not None else load_profiles()
         fields = {**fields, "profile": registry.resolve(fields["model"], upscale=upscale)}
         return cls._validate(fields, settings=settings, derive=True)
@@ -503,7 +320,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _check_schema_version(cls, value: object) -> object:
         if value != SCHEMA_VERSION or isinstance(value, bool):
-            raise ValueError(f"unsupported schema version {_short(value)}; this genimg reads "
+            raise ValueError(f"unsupported schema version {short(value)}; this genimg reads "
                              f"version {SCHEMA_VERSION}")
         return value
 
@@ -512,7 +329,7 @@ class JobSpec(BaseModel):
     def _check_name(cls, value: str | None) -> str | None:
         if value is not None and (len(value) > MAX_NAME_CHARS or not _NAME_RE.match(value)):
             raise ValueError(f"must be 1-{MAX_NAME_CHARS} of A-Z a-z 0-9 . _ - starting with a "
-                             f"letter or digit (got {_short(value)})")
+                             f"letter or digit (got {short(value)})")
         return value
 
     @pydantic.field_validator("created_at")
@@ -617,11 +434,6 @@ class JobSpec(BaseModel):
         return plan_shards(self.total_items, self.shard_size)
 
 
-def _short(value: object, limit: int = 60) -> str:
-    """``repr`` cut to ``limit`` characters, so a 1 MB input never lands in a message."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} chars)"
-
 
 def _from_pydantic(error: pydantic.ValidationError) -> ValidationError:
     """One genimg ValidationError naming the first failing field of a pydantic error."""
@@ -641,103 +453,14 @@ def _from_pydantic(error: pydantic.ValidationError) -> ValidationError:
         if kind == "missing":
             message = "is required"
         elif kind == "extra_forbidden":
-            message = f"is not a JobSpec field (got {_short(first.get('input'))})"
+            message = f"is not a JobSpec field (got {short(first.get('input'))})"
         elif isinstance(cause, Exception):
             message = str(cause)
         else:
             message = str(first.get("msg", "is invalid"))
             message = message[:1].lower() + message[1:]
             if loc:
-                message += f" (got {_short(first.get('input'))})"
+                message += f" (got {short(first.get('input'))})"
     if len(errors) > 1:
         message += f" [{len(errors) - 1} more error{'s' if len(errors) > 2 else ''}]"
     return ValidationError(message, field=field)
-
-
-# --------------------------------------------------------------------------- shard plan
-
-
-@dataclass(frozen=True, slots=True)
-class ShardPlan:
-    """Items ``[0, total_items)`` cut into contiguous shards of ``shard_size``.
-
-    Holds two integers; every range is computed on demand (O(1) memory).
-    The last shard may be shorter.
-    """
-
-    total_items: int
-    shard_size: int
-
-    @property
-    def num_shards(self) -> int:
-        return -(-self.total_items // self.shard_size)
-
-    def __len__(self) -> int:
-        return self.num_shards
-
-    def shard_range(self, shard_index: int) -> tuple[int, int]:
-        """Item indices ``[start, stop)`` of one shard.
-
-        Raises:
-            ValidationError: ``field="shard_index"`` if out of range.
-        """
-        if isinstance(shard_index, bool) or not isinstance(shard_index, numbers.Integral) \
-                or not 0 <= shard_index < self.num_shards:
-            raise ValidationError(f"must be an integer in [0, {self.num_shards}) "
-                                  f"(got {_short(shard_index)})", field="shard_index")
-        start = int(shard_index) * self.shard_size
-        return start, min(start + self.shard_size, self.total_items)
-
-    def shard_of_item(self, item_index: int) -> int:
-        """Index of the shard that holds ``item_index``."""
-        _check_index(item_index, "item_index", self.total_items)
-        return int(item_index) // self.shard_size
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        """Yield each shard's ``(start, stop)`` lazily, in order."""
-        for start in range(0, self.total_items, self.shard_size):
-            yield start, min(start + self.shard_size, self.total_items)
-
-
-def plan_shards(total_items: int, shard_size: int) -> ShardPlan:
-    """Plan a job's shards in O(1) time and memory.
-
-    Args:
-        total_items: 1..``MAX_TOTAL_ITEMS``.
-        shard_size: 1..``MAX_SHARD_SIZE``.
-
-    Raises:
-        ValidationError: naming ``total_items`` or ``shard_size``.
-    """
-    _check_int(total_items, "total_items", 1, MAX_TOTAL_ITEMS)
-    _check_int(shard_size, "shard_size", 1, MAX_SHARD_SIZE)
-    return ShardPlan(int(total_items), int(shard_size))
-
-
-def manifest_part_shards_for(shard_size: int) -> int:
-    """Shards a manifest part covers by default: ``MANIFEST_PART_ROWS // shard_size``, in 1..1,000.
-
-    Shards of 1,000 items give parts of 100 shards (100,000 rows); shards of 100 or fewer, 1,000 shards.
-    """
-    return max(1, min(MAX_MANIFEST_PART_SHARDS, MANIFEST_PART_ROWS // max(1, int(shard_size))))
-
-
-def item_to_prompt_index(item_index: int, images_per_prompt: int) -> int:
-    """Index of the prompt that item ``item_index`` renders (prompt-major order)."""
-    _check_int(item_index, "item_index", 0, MAX_SEED)
-    _check_int(images_per_prompt, "images_per_prompt", 1, MAX_IMAGES_PER_PROMPT)
-    return int(item_index) // int(images_per_prompt)
-
-
-def _check_int(value: object, field: str, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not low <= int(value) <= high:
-        raise ValidationError(f"must be an integer in [{low:,}, {high:,}] (got {_short(value)})",
-                              field=field)
-
-
-def _check_index(value: object, field: str, stop: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
-            or not 0 <= int(value) < stop:
-        raise ValidationError(f"must be an integer in [0, {stop:,}) (got {_short(value)})",
-                              field=field)

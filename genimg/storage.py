@@ -45,7 +45,6 @@ import configparser
 import hashlib
 import io
 import logging
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,6 +69,7 @@ from genimg.errors import (
 )
 from genimg.redaction import install_secret_redaction
 from genimg.settings import StorageSettings
+from genimg.urls import BUCKET_RE
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +78,6 @@ SHA256_METADATA_KEY = "sha256"
 
 DELETE_BATCH_SIZE = 1000
 """Keys per ``DeleteObjects`` request (S3's maximum)."""
-
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 _UNAVAILABLE_CODES = frozenset(
     {
@@ -138,29 +136,7 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-# --------------------------------------------------------------------------- URLs and results
-
-
-def parse_url(url: str) -> tuple[str, str]:
-    """Split ``s3://bucket/some/prefix`` into ``("bucket", "some/prefix")``.
-
-    Leading/trailing slashes of the prefix are removed; the prefix may be empty.
-
-    Raises:
-        ValidationError: not an ``s3://`` URL, an invalid bucket name, or a
-            prefix with ``..``/empty path segments or control characters.
-    """
-    if not isinstance(url, str) or not url.startswith("s3://"):
-        raise ValidationError(f"expected s3://bucket/prefix, got {url!r}", field="output_url")
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    if not _BUCKET_RE.match(bucket) or ".." in bucket:
-        raise ValidationError(f"invalid bucket name {bucket!r}", field="output_url")
-    prefix = prefix.strip("/")
-    if prefix:
-        parts = prefix.split("/")
-        if any(p in ("", ".", "..") for p in parts) or any(ord(ch) < 32 or ord(ch) == 127 for ch in prefix):
-            raise ValidationError(f"invalid prefix {prefix!r}", field="output_url")
-    return bucket, prefix
+# --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
@@ -492,7 +468,7 @@ class S3Store:
     """
 
     def __init__(self, settings: StorageSettings, bucket: str, *, callers: int = 1) -> None:
-        if not _BUCKET_RE.match(bucket) or ".." in bucket:
+        if not BUCKET_RE.match(bucket) or ".." in bucket:
             raise ValidationError(f"invalid bucket name {bucket!r}", field="bucket")
         self.bucket = bucket
         self.settings = settings

@@ -24,7 +24,8 @@ from genimg.errors import ValidationError
 from genimg.localstore import FileStore
 from genimg.settings import StorageSettings
 from genimg.shards import Layout
-from genimg.storage import ObjectStore, S3Store, parse_url
+from genimg.storage import ObjectStore, S3Store
+from genimg.urls import parse_s3_url
 
 
 class ManagedStore(ObjectStore, Protocol):
@@ -54,7 +55,7 @@ def open_store(output_url: str, settings: StorageSettings | None = None, *,
     if isinstance(output_url, str) and output_url.startswith("file:///"):
         return FileStore(output_url[len("file://"):]), ""
     if isinstance(output_url, str) and output_url.startswith("s3://"):
-        bucket, prefix = parse_url(output_url)
+        bucket, prefix = parse_s3_url(output_url)
         return S3Store(settings or StorageSettings.from_env(), bucket, callers=callers), prefix
     raise ValidationError(f"expected s3://bucket/prefix or file:///dir, got {output_url!r}", field="output")
 

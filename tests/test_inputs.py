@@ -19,7 +19,8 @@ from genimg.inputs import (
     prompt_chunk_key,
     prompt_chunks_for_items,
 )
-from genimg.spec import MAX_PROMPT_CHARS, item_to_prompt_index
+from genimg.limits import MAX_PROMPT_CHARS
+from genimg.shardplan import item_to_prompt_index
 
 PROMPTS = ["a handwritten 7", "Ziffer sieben – ß", "七 (seven)", "emoji 🔢 digit", "tab\tinside",
            "x" * MAX_PROMPT_CHARS, "quote \" and comma, here"]

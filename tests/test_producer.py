@@ -173,7 +173,7 @@ def test_invalid_prompt_deep_in_a_file_names_its_line_and_deletes_the_chunks_alr
 
 
 def test_too_many_prompts_for_the_shard_limit_is_caught_while_streaming(producer_env: ProducerEnv):
-    from genimg.spec import MAX_SHARDS
+    from genimg.limits import MAX_SHARDS
 
     most = MAX_SHARDS // 64  # 64 images per prompt, one image per shard
     with pytest.raises(ValidationError) as info:

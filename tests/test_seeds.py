@@ -9,7 +9,9 @@ import pytest
 
 from genimg.errors import ValidationError
 from genimg.seeds import batch_noise, item_noise, item_seed, item_seeds, noise_from_seed
-from genimg.spec import MAX_SEED, Z_DIM, plan_shards
+from genimg.limits import MAX_SEED
+from genimg.triton.contract import Z_DIM
+from genimg.shardplan import plan_shards
 
 JOB_SEED = 1234
 

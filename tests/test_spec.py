@@ -14,20 +14,10 @@ import pytest
 
 from genimg.errors import ValidationError
 from genimg.settings import SpecSettings
-from genimg.spec import (
-    MAX_PROMPT_BYTES,
-    MAX_PROMPT_CHARS,
-    MAX_SHARDS,
-    MAX_TOTAL_ITEMS,
-    SCHEMA_VERSION,
-    JobSpec,
-    derive_job_id,
-    item_to_prompt_index,
-    plan_shards,
-    prompt_problem,
-    validate_output_url,
-    validate_prompt,
-)
+from genimg.spec import SCHEMA_VERSION, JobSpec, derive_job_id
+from genimg.limits import MAX_PROMPT_BYTES, MAX_PROMPT_CHARS, MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem, validate_prompt
+from genimg.shardplan import item_to_prompt_index, plan_shards
+from genimg.urls import validate_output_url
 
 BASE: dict[str, Any] = {"model": "txt2img", "num_prompts": 10, "output": "s3://genimg-test/run-7",
                         "seed": 1234}

@@ -20,7 +20,8 @@ from genimg.errors import (
     ValidationError,
 )
 from genimg.redaction import REDACTION
-from genimg.storage import S3Store, parse_url, sha256_hex
+from genimg.storage import S3Store, sha256_hex
+from genimg.urls import parse_s3_url as parse_url
 from tests.fixtures.faultproxy import RecordedRequest
 from tests.fixtures.s3 import free_port
 

@@ -51,7 +51,7 @@ from genimg.errors import (
     PayloadTooLargeError,
     ValidationError,
 )
-from genimg.triton.contract import MAX_PROMPT_CHARS
+from genimg.limits import MAX_PROMPT_CHARS
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from genimg.limits import MAX_PROMPT_CHARS as MAX_PROMPT_CHARS
+
+# MAX_PROMPT_CHARS (re-exported above, defined in genimg.limits): the longest prompt the client sends, in
+# Unicode code points (UTF-8 on the wire: at most 8,000 bytes). Longer prompts are rejected with
+# genimg.errors.ValidationError; the text encoder itself truncates to 256 word-piece tokens
+# (genimg.models.text_encoder.MAX_TOKENS) whatever the length.
+
 Z_DIM = 100
 """Length of the noise vector ``Z`` (float32, standard normal)."""
 EMBED_DIM = 384
@@ -44,13 +51,6 @@ OUT_SIDE = IMAGE_SIDE * SCALE
 """Side in pixels of the ensembles' ``IMAGE`` (112)."""
 NUM_CLASSES = 10
 """Digits the verifier classifies: ``LABEL`` is in ``[0, 10)``."""
-MAX_PROMPT_CHARS = 2000
-"""Longest prompt the client sends, in Unicode code points (UTF-8 on the wire: at most 8,000 bytes).
-
-Longer prompts are rejected with :class:`genimg.errors.ValidationError`;
-the text encoder itself truncates to 256 word-piece tokens
-(:data:`genimg.models.text_encoder.MAX_TOKENS`) whatever the length.
-"""
 MIN_MAX_BATCH_SIZE = 64
 """Every model and ensemble accepts at least this many items per request."""
 
