@@ -58,14 +58,16 @@ from genimg.inputs import (
     prompts_digest,
 )
 from genimg.jobs import SPEC_OBJECT
+from genimg.limits import MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem
 from genimg.profiles import load_profiles
 from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.shards import Layout
-from genimg.spec import MAX_SHARDS, MAX_TOTAL_ITEMS, JobSpec, prompt_problem, validate_output_url
+from genimg.spec import JobSpec
 from genimg.storage import check_storage
 from genimg.stores import ManagedStore, open_store
+from genimg.urls import validate_output_url
 from producer.job import Job, JobNotFoundError
 from workers.config import WorkerSettings
 from workers.messages import ENQUEUE_BATCH, TASK_NAME, producer_app, send_shards  # noqa: F401 - re-exported

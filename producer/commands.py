@@ -428,7 +428,7 @@ def plan(
 
     from genimg.plan import Keda, Load, Profile, keda_from_deploy, measured_profile, plan_job
     from genimg.profiles import load_profiles
-    from genimg.spec import manifest_part_shards_for
+    from genimg.shardplan import manifest_part_shards_for
 
     profiles = load_profiles()
     if model not in profiles.profiles:
