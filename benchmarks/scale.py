@@ -199,7 +199,8 @@ def op_fabricate(cfg: dict[str, Any]) -> dict[str, Any]:
     from genimg import jobs
     from genimg.localstore import FileStore
     from genimg.manifest import PartPlan
-    from genimg.shards import Layout, commit_shard
+    from genimg.shards import commit_shard
+    from genimg.layout import Layout
 
     client = _client(cfg)
     spec = client.job(cfg["job_id"], output=cfg["output"]).spec
@@ -262,7 +263,7 @@ def op_status(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def op_rebuild(cfg: dict[str, Any]) -> dict[str, Any]:
     """Delete every part, _SUCCESS and the summary; ``Job.wait`` finalises from the shard indexes alone."""
-    from genimg.jobs import SUCCESS_OBJECT
+    from genimg.layout import SUCCESS_OBJECT
 
     client, job = _job(cfg)
     store, layout = client.job_store(job.spec)

@@ -18,16 +18,14 @@ from dataclasses import asdict, dataclass
 import redis
 
 from genimg.errors import QueueUnavailableError, StorageNotFoundError
+from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT, Layout
 from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
 from genimg.queue import Keys, describe_redis_error
-from genimg.shards import Layout
 from genimg.spec import JobSpec
 from genimg.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SPEC_OBJECT = "job.json"
-SUCCESS_OBJECT = "_SUCCESS"
 FAILED_SHARDS_LISTED = 1_000
 """Most failed shards (with reasons) ``_SUCCESS`` lists; ``shards_failed`` counts them all."""
 FINALIZE_ROUNDS = 5

@@ -47,12 +47,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
+from genimg.layout import Layout
 from genimg.limits import MANIFEST_PART_ROWS, MAX_MANIFEST_PART_SHARDS, MAX_MANIFEST_PARTS
 from genimg.shardplan import manifest_part_shards_for
 from genimg.shards import (
     INDEX_SCHEMA,
     STATUS_OK,
-    Layout,
     committed_shards,
     dedupe_index,
     index_from_parquet,

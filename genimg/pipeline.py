@@ -28,6 +28,7 @@ import numpy as np
 from genimg import imaging, metrics
 from genimg.errors import NonFiniteOutputError
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key, prompt_chunks_for_items
+from genimg.layout import Layout
 from genimg.profiles.params import batch_key
 from genimg.profiles.schema import ModelProfile
 from genimg.profiles.tensors import (
@@ -41,7 +42,7 @@ from genimg.profiles.tensors import (
 )
 from genimg.seeds import item_seeds
 from genimg.shardplan import item_to_prompt_index
-from genimg.shards import Layout, ShardItem, commit_shard, index_schema
+from genimg.shards import ShardItem, commit_shard, index_schema
 from genimg.spec import JobSpec
 from genimg.storage import ObjectStore
 

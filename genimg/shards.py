@@ -1,6 +1,6 @@
 """The shard protocol: a deterministic WebDataset tar, a Parquet index written last, a manifest.
 
-Output layout under ``s3://{bucket}/{prefix}/{job_id}/`` (see :class:`Layout`)::
+Output layout under ``s3://{bucket}/{prefix}/{job_id}/`` (see :class:`genimg.layout.Layout`)::
 
     shards/000042.tar          WebDataset tar: 000004200.png + 000004200.json, ...
     shards/000042.stats.json   items ok/failed, seconds per stage, sizes
@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import math
-import re
 import tarfile
 import time
 from collections import Counter
@@ -52,20 +51,16 @@ import pyarrow.parquet as pq
 
 from genimg.errors import StorageError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
+from genimg.layout import Layout
 from genimg.profiles.params import params_json
 from genimg.storage import ObjectStore, sha256_hex
-from genimg.urls import parse_s3_url
 
 logger = logging.getLogger(__name__)
 
 ITEM_KEY_DIGITS = 9
 """Digits of an item key: item indices are below 10**9."""
 
-SHARD_DIGITS = 6
-"""Digits of a shard file name: shard indices are below 10**6."""
-
 MAX_ITEM_INDEX = 10**ITEM_KEY_DIGITS - 1
-MAX_SHARD_INDEX = 10**SHARD_DIGITS - 1
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"
@@ -125,106 +120,10 @@ def index_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
         schema = schema.append(pa.field(name, METADATA_TYPES[kind]))
     return schema.with_metadata(INDEX_SCHEMA.metadata)
 
-_JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-_INDEX_NAME_RE = re.compile(rf"^(\d{{{SHARD_DIGITS}}})\.parquet$")
-
 
 def item_key(item_index: int) -> str:
     """The WebDataset key of an item: its index as 9 digits (``42`` → ``"000000042"``)."""
     return f"{item_index:0{ITEM_KEY_DIGITS}d}"
-
-
-# --------------------------------------------------------------------------- layout
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a job's files live: keys computed from (bucket, prefix, job id).
-
-    Attributes:
-        bucket: S3 bucket.
-        prefix: key prefix without leading/trailing slashes (may be empty).
-        job_id: 1-64 characters of ``[A-Za-z0-9_-]`` (genimg uses 32 hex digits).
-
-    Raises:
-        ValidationError: a bad job id or prefix.
-    """
-
-    bucket: str
-    prefix: str
-    job_id: str
-
-    def __post_init__(self) -> None:
-        if not _JOB_ID_RE.match(self.job_id):
-            raise ValidationError(f"job id must match {_JOB_ID_RE.pattern}, got {self.job_id!r}", field="job_id")
-        parse_s3_url(f"s3://{self.bucket}/{self.prefix}")  # validates bucket and prefix
-        if self.prefix != self.prefix.strip("/"):
-            raise ValidationError(f"prefix must not start or end with '/': {self.prefix!r}", field="prefix")
-
-    @classmethod
-    def from_url(cls, url: str, job_id: str) -> Layout:
-        """``Layout.from_url("s3://bucket/datasets", job_id)``.
-
-        Raises:
-            ValidationError: a bad URL or job id.
-        """
-        bucket, prefix = parse_s3_url(url)
-        return cls(bucket=bucket, prefix=prefix, job_id=job_id)
-
-    @property
-    def job_prefix(self) -> str:
-        """``{prefix}/{job_id}`` (just ``{job_id}`` with an empty prefix)."""
-        return f"{self.prefix}/{self.job_id}" if self.prefix else self.job_id
-
-    @property
-    def shards_prefix(self) -> str:
-        """``{job_prefix}/shards/`` (with the trailing slash)."""
-        return f"{self.job_prefix}/shards/"
-
-    def _shard_base(self, shard_index: int) -> str:
-        if not 0 <= shard_index <= MAX_SHARD_INDEX:
-            raise ValidationError(f"shard index must be in 0..{MAX_SHARD_INDEX}, got {shard_index}")
-        return f"{self.shards_prefix}{shard_index:0{SHARD_DIGITS}d}"
-
-    def tar_key(self, shard_index: int) -> str:
-        """``{job_prefix}/shards/{shard:06d}.tar``."""
-        return f"{self._shard_base(shard_index)}.tar"
-
-    def index_key(self, shard_index: int) -> str:
-        """``{job_prefix}/shards/{shard:06d}.parquet`` — the commit marker."""
-        return f"{self._shard_base(shard_index)}.parquet"
-
-    def stats_key(self, shard_index: int) -> str:
-        """``{job_prefix}/shards/{shard:06d}.stats.json``."""
-        return f"{self._shard_base(shard_index)}.stats.json"
-
-    @property
-    def manifest_prefix(self) -> str:
-        """``{job_prefix}/manifest/`` (with the trailing slash): the manifest's parts (:mod:`genimg.manifest`)."""
-        return f"{self.job_prefix}/manifest/"
-
-    def manifest_part_key(self, part: int) -> str:
-        """``{job_prefix}/manifest/part-{part:05d}.parquet``."""
-        if not 0 <= part < 10**5:
-            raise ValidationError(f"manifest part must be in 0..99999, got {part}")
-        return f"{self.manifest_prefix}part-{part:05d}.parquet"
-
-    def manifest_summary_key(self, part: int) -> str:
-        """``{job_prefix}/manifest/_part-{part:05d}.json`` — the part's summary, written after it."""
-        if not 0 <= part < 10**5:
-            raise ValidationError(f"manifest part must be in 0..99999, got {part}")
-        return f"{self.manifest_prefix}_part-{part:05d}.json"
-
-    def shard_of_index_key(self, key: str) -> int | None:
-        """The shard index if ``key`` is one of this job's shard index keys, else ``None``."""
-        if not key.startswith(self.shards_prefix):
-            return None
-        match = _INDEX_NAME_RE.match(key[len(self.shards_prefix) :])
-        return int(match.group(1)) if match else None
-
-    def url(self, key: str) -> str:
-        """``s3://{bucket}/{key}``."""
-        return f"s3://{self.bucket}/{key}"
 
 
 # --------------------------------------------------------------------------- items

@@ -24,6 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from genimg.errors import ValidationError
 from genimg.expand import ExpandFieldError, ExpandSpec
+from genimg.layout import JOB_ID_PATTERN
 from genimg.limits import (
     DEFAULT_PROMPT_CHUNK_SIZE,
     MAX_IDEMPOTENCY_KEY_CHARS,
@@ -62,7 +63,6 @@ PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
 the queue layer maps this onto its transport (kombu's Redis transport treats 0
 as the most urgent, so it must send ``9 - priority``)."""
 
-_JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _IDEMPOTENCY_KEY_RE = re.compile(r"^[\x21-\x7e]+$")  # visible ASCII, no spaces
 
@@ -182,7 +182,7 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
 
     schema_version: Literal[2] = SCHEMA_VERSION
-    job_id: str = Field(pattern=_JOB_ID_RE.pattern)
+    job_id: str = Field(pattern=JOB_ID_PATTERN)
     model: str = Field(pattern=NAME_PATTERN)
     profile: ModelProfile
     params: dict[str, Any] = Field(default_factory=dict)

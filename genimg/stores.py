@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Protocol
 
 from genimg.errors import ValidationError
+from genimg.layout import Layout
 from genimg.localstore import FileStore
 from genimg.settings import StorageSettings
-from genimg.shards import Layout
 from genimg.storage import ObjectStore, S3Store
 from genimg.urls import parse_s3_url
 

@@ -57,13 +57,12 @@ from genimg.inputs import (
     prompt_chunk_key,
     prompts_digest,
 )
-from genimg.jobs import SPEC_OBJECT
+from genimg.layout import SPEC_OBJECT, Layout, check_job_id
 from genimg.limits import MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem
 from genimg.profiles import load_profiles
 from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
-from genimg.shards import Layout
 from genimg.spec import JobSpec
 from genimg.storage import check_storage
 from genimg.stores import ManagedStore, open_store
@@ -191,7 +190,7 @@ class Client:
             ValidationError: ``field="job_id"`` for a malformed id; or the stored spec is invalid.
             JobNotFoundError: neither Redis nor storage (when ``output`` is given) knows the job.
         """
-        _check_job_id(job_id)
+        check_job_id(job_id)
         raw = self.redis_call("read spec", self.redis.get, self.keys.job(job_id, "spec"))
         if raw is None:
             if output is None:
@@ -540,8 +539,3 @@ def _check_same_prompts(stored: JobSpec, stream: Iterable[str] | None) -> None:
                         f"{(stored.prompts_sha256 or '?')[:12]}…; now {n:,}, sha256 {digest[:12]}…); "
                         f"use a new key for a new job", key=stored.idempotency_key or "")
 
-
-def _check_job_id(job_id: object) -> None:
-    if not isinstance(job_id, str) or len(job_id) != 32 or any(ch not in "0123456789abcdef" for ch in job_id):
-        shown = repr(job_id)[:40]
-        raise ValidationError(f"must be 32 lowercase hex digits (got {shown})", field="job_id")

@@ -25,9 +25,9 @@ import pyarrow as pa
 from genimg import jobs
 from genimg import manifest as manifests
 from genimg.errors import GenImgError, StorageError, StorageNotFoundError
-from genimg.jobs import SPEC_OBJECT, SUCCESS_OBJECT
+from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT, Layout
 from genimg.manifest import ManifestTooLargeError, PartPlan, job_schema
-from genimg.shards import Layout, committed_shards, read_shard_index
+from genimg.shards import committed_shards, read_shard_index
 from genimg.spec import JobSpec
 from genimg.stores import ManagedStore
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genimg.shards import Layout, read_shard_index
+from genimg.shards import read_shard_index
+from genimg.layout import Layout
 from genimg.triton.contract import EXPANDER
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from genimg import jobs
-from genimg.jobs import SUCCESS_OBJECT
+from genimg.layout import SUCCESS_OBJECT
 from genimg.manifest import (
     ManifestTooLargeError,
     PartPlan,

@@ -21,7 +21,7 @@ import pytest
 from genimg import jobs
 from genimg.errors import ConflictError, QueueUnavailableError, ValidationError
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key
-from genimg.jobs import SPEC_OBJECT, SUCCESS_OBJECT
+from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT
 from genimg.queue import celery_priority
 from genimg.spec import JobSpec
 from producer.client import TASK_NAME, Client

@@ -13,7 +13,7 @@ import pytest
 
 from genimg.errors import ValidationError
 from genimg.imaging import decode
-from genimg.shards import Layout
+from genimg.layout import Layout
 from genimg.storage import sha256_hex
 from tests.fixtures.producer import ProducerEnv
 

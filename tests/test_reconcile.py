@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from genimg import jobs
-from genimg.jobs import SUCCESS_OBJECT
+from genimg.layout import SUCCESS_OBJECT
 from genimg.queue import UNACKED_KEY, priority_lists
 from tests.fixtures.producer import ProducerEnv, commit_synthetic_shard
 from tests.fixtures.workers import wait_for

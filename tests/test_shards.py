@@ -14,21 +14,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from genimg.errors import StorageUnavailableError, ValidationError
 from genimg.imaging import decode, encode
-from genimg.shards import (
-    INDEX_SCHEMA,
-    Layout,
-    ShardItem,
-    build_manifest,
-    build_shard,
-    commit_shard,
-    index_schema,
-    committed_shards,
-    index_from_parquet,
-    is_committed,
-    read_shard_index,
-    verify_manifest,
-    write_tar,
-)
+from genimg.shards import INDEX_SCHEMA, ShardItem, build_manifest, build_shard, commit_shard, index_schema, committed_shards, index_from_parquet, is_committed, read_shard_index, verify_manifest, write_tar
+from genimg.layout import Layout
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from genimg.imaging import decode
-from genimg.shards import Layout, verify_manifest
+from genimg.shards import verify_manifest
+from genimg.layout import Layout
 from genimg.storage import sha256_hex
 from producer import Client
 

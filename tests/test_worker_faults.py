@@ -527,7 +527,7 @@ def test_non_finite_items_are_retried_once_then_recorded_failed_unwritten_and_co
 
     from genimg.imaging import decode
     from genimg.pipeline import Infer, run_shard
-    from genimg.shards import Layout
+    from genimg.layout import Layout
     from genimg.triton.client import InferenceClient
 
     worker = stack.start_worker(GENIMG_TRITON_URL=poisoned_triton.urls["grpc"], PYTHONWARNINGS="error::RuntimeWarning")

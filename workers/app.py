@@ -19,10 +19,10 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown
 
 from genimg import metrics
+from genimg.layout import Layout
 from genimg.queue import Keys
 from genimg.redaction import redact_all_handlers, register_url_secret
 from genimg.settings import StorageSettings, TritonSettings
-from genimg.shards import Layout
 from genimg.spec import JobSpec
 from workers.config import WorkerSettings, celery_config
 

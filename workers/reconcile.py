@@ -338,8 +338,8 @@ class Reconciler:
             self.first_seen.pop((job_id, shard), None)
 
     def _finalise(self, spec: JobSpec) -> bool:
+        from genimg.layout import Layout
         from genimg.settings import StorageSettings
-        from genimg.shards import Layout
         from genimg.stores import open_store
 
         try:

@@ -17,20 +17,18 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from genimg import jobs, metrics
 from genimg.errors import GenImgError, InferenceUnavailableError, PermanentError, RetryableError
+from genimg.layout import JOB_ID_RE
 from genimg.pipeline import count_committed, result_from_index, run_shard
 from genimg.shards import is_committed, read_shard_index
 from workers.app import SETTINGS, app, context, drop_inference_client
 
 log = logging.getLogger(__name__)
-
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def backoff_s(retries: int) -> float:
@@ -58,7 +56,7 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
     ``retry_since`` (Unix seconds) is set by the task itself on retries: when the
     shard met its first retryable fault; its retry budget counts from there.
     """
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id) or type(shard_index) is not int \
+    if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id) or type(shard_index) is not int \
             or shard_index < 0:
         log.error("rejected malformed task arguments", extra={"task_id": self.request.id})
         return {"status": "rejected", "reason": "malformed_arguments"}

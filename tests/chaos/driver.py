@@ -61,9 +61,10 @@ import redis
 
 from genimg import jobs
 from genimg.imaging import decode
-from genimg.jobs import SPEC_OBJECT
+from genimg.layout import SPEC_OBJECT
 from genimg.queue import Keys, backlog
-from genimg.shards import Layout, STATUS_OK, committed_shards, read_shard_index, verify_manifest
+from genimg.shards import STATUS_OK, committed_shards, read_shard_index, verify_manifest
+from genimg.layout import Layout
 from genimg.spec import JobSpec
 from genimg.storage import S3Store, sha256_hex
 from genimg.triton.server import TritonServer

@@ -36,7 +36,7 @@ import pytest
 
 from genimg import jobs
 from genimg.queue import Keys
-from genimg.shards import Layout
+from genimg.layout import Layout
 from genimg.triton.server import TritonServer
 from tests.chaos.driver import (
     RECONCILERS,
