@@ -163,7 +163,7 @@ def main() -> None:
 
     import redis
 
-    from genimg.storage import S3Store
+    from genimg.stores.s3 import S3Store
 
     scenarios = [s for s in args.scenarios.split(",") if s]
     with tempfile.TemporaryDirectory(prefix="genimg-bench-") as tmp_name:

@@ -197,7 +197,7 @@ def op_fabricate(cfg: dict[str, Any]) -> dict[str, Any]:
     import redis
 
     from genimg import jobs
-    from genimg.localstore import FileStore
+    from genimg.stores.files import FileStore
     from genimg.manifest import PartPlan
     from genimg.shards import commit_shard
     from genimg.layout import Layout

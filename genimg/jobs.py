@@ -22,7 +22,7 @@ from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT, Layout
 from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
 from genimg.queue import Keys, describe_redis_error
 from genimg.spec import JobSpec
-from genimg.storage import ObjectStore
+from genimg.stores.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -517,7 +517,7 @@ class LocalStack:
 
     def _up_s3(self, state: StackState, bucket: str, say: Callable[[str], None]) -> None:
         from genimg.settings import StorageSettings
-        from genimg.storage import S3Store
+        from genimg.stores.s3 import S3Store
 
         t0 = time.monotonic()
         given = os.environ.get("GENIMG_S3_ENDPOINT_URL")

@@ -59,7 +59,7 @@ from genimg.shards import (
     index_schema,
     index_to_parquet,
 )
-from genimg.storage import ObjectStore, sha256_hex
+from genimg.stores.base import ObjectStore, sha256_hex
 
 if TYPE_CHECKING:
     from genimg.spec import JobSpec

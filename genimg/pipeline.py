@@ -44,7 +44,7 @@ from genimg.seeds import item_seeds
 from genimg.shardplan import item_to_prompt_index
 from genimg.shards import ShardItem, commit_shard, index_schema
 from genimg.spec import JobSpec
-from genimg.storage import ObjectStore
+from genimg.stores.base import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ botocore logs whole prepared requests (``Authorization`` header, session
 token), canonical requests and signatures at DEBUG. :data:`REDACTION`, a
 :class:`SecretRedactingFilter`, rewrites such records; :func:`install_secret_redaction`
 attaches it to the SDK's loggers and registers literal secrets.
-:class:`genimg.storage.S3Store` calls it with its credentials; a process's
+:class:`genimg.stores.s3.S3Store` calls it with its credentials; a process's
 logging setup may also add :data:`REDACTION` to its handlers.
 """
 

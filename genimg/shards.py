@@ -53,7 +53,7 @@ from genimg.errors import StorageError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
 from genimg.layout import Layout
 from genimg.profiles.params import params_json
-from genimg.storage import ObjectStore, sha256_hex
+from genimg.stores.base import ObjectStore, sha256_hex
 
 logger = logging.getLogger(__name__)
 

@@ -64,8 +64,8 @@ from genimg.queue import Keys, celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.spec import JobSpec
-from genimg.storage import check_storage
-from genimg.stores import ManagedStore, open_store
+from genimg.stores import ManagedStore, open_job_store
+from genimg.stores.s3_client import check_storage
 from genimg.urls import validate_output_url
 from producer.job import Job, JobNotFoundError
 from workers.config import WorkerSettings
@@ -171,15 +171,10 @@ class Client:
             self._celery = producer_app(self.settings)
         return self._celery
 
-    def _open(self, output: str) -> tuple[ManagedStore, str]:
-        if output not in self._stores:
-            self._stores[output] = open_store(output, self.storage_settings, callers=UPLOAD_THREADS)
-        return self._stores[output]
-
     def job_store(self, spec: JobSpec) -> tuple[ManagedStore, Layout]:
         """The store holding ``spec``'s output and the job's layout in it (stores are reused)."""
-        store, prefix = self._open(spec.output)
-        return store, Layout(bucket=store.bucket, prefix=prefix, job_id=spec.job_id)
+        return open_job_store(spec.output, spec.job_id, self.storage_settings, callers=UPLOAD_THREADS,
+                              cache=self._stores)
 
     # ---- jobs
 
@@ -197,8 +192,8 @@ class Client:
                 raise JobNotFoundError(f"job {job_id} is unknown to Redis; pass its output URL "
                                        "to read job.json from storage")
             url = validate_output_url(output, local_output_root=self.spec_settings.local_output_root)
-            store, prefix = self._open(url)
-            layout = Layout(bucket=store.bucket, prefix=prefix, job_id=job_id)
+            store, layout = open_job_store(url, job_id, self.storage_settings, callers=UPLOAD_THREADS,
+                                           cache=self._stores)
             try:
                 raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
             except StorageNotFoundError as e:

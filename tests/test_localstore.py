@@ -9,10 +9,11 @@ import pytest
 
 from genimg.errors import PayloadTooLargeError, StorageError, StorageNotFoundError, ValidationError
 from genimg.imaging import encode
-from genimg.localstore import LOCAL_BUCKET, FileStore
+from genimg.stores.files import LOCAL_BUCKET, FileStore
 from genimg.settings import StorageSettings
 from genimg.shards import ShardItem, build_manifest, commit_shard, committed_shards, verify_manifest
-from genimg.storage import S3Store, sha256_hex
+from genimg.stores.s3 import S3Store
+from genimg.stores.base import sha256_hex
 from genimg.stores import open_job_store, open_store
 
 pytestmark = pytest.mark.timeout(60)

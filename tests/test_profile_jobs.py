@@ -14,7 +14,7 @@ import pytest
 from genimg.errors import ValidationError
 from genimg.imaging import decode
 from genimg.layout import Layout
-from genimg.storage import sha256_hex
+from genimg.stores.base import sha256_hex
 from tests.fixtures.producer import ProducerEnv
 
 # --------------------------------------------------------------------------- bad parameters

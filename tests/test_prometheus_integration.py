@@ -26,7 +26,7 @@ import redis
 
 from genimg.inputs import prompt_chunk_key
 from genimg.queue import Keys
-from genimg.storage import S3Store
+from genimg.stores.s3 import S3Store
 from producer import Client
 from tests.fixtures.prometheus import (DASHBOARD, PrometheusServer, dashboard_queries,  # noqa: F401 - fixtures
                                        prometheus_binaries, promql_metric_names, start_exporter)

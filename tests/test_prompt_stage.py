@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from genimg.storage import sha256_hex
+from genimg.stores.base import sha256_hex
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,8 @@ from genimg.errors import (
     ValidationError,
 )
 from genimg.redaction import REDACTION
-from genimg.storage import S3Store, sha256_hex
+from genimg.stores.s3 import S3Store
+from genimg.stores.base import sha256_hex
 from genimg.urls import parse_s3_url as parse_url
 from tests.fixtures.faultproxy import RecordedRequest
 from tests.fixtures.s3 import free_port
@@ -105,7 +106,7 @@ def test_requests_carry_no_flexible_checksums_and_batch_delete_sends_content_md5
 
 
 def test_delete_prefix_removes_more_than_one_batch_and_leaves_other_prefixes(s3_store, monkeypatch):
-    monkeypatch.setattr("genimg.storage.DELETE_BATCH_SIZE", 7)
+    monkeypatch.setattr("genimg.stores.s3.DELETE_BATCH_SIZE", 7)
     for i in range(20):
         s3_store.put_bytes(f"gone/{i:03d}", b"%d" % i)
     s3_store.put_bytes("kept/one", b"1")
@@ -375,7 +376,7 @@ def test_throttle_metric_equals_the_503s_the_proxy_served_by_operation_and_code(
 
 
 def test_the_connection_pool_fits_every_caller_and_its_part_uploads(make_s3_store, caplog):
-    from genimg.storage import pool_size
+    from genimg.stores.s3_client import pool_size
     from tests.fixtures.s3 import storage_settings_for
 
     settings = storage_settings_for("http://127.0.0.1:1", s3_transfer_max_concurrency=4)
@@ -385,7 +386,7 @@ def test_the_connection_pool_fits_every_caller_and_its_part_uploads(make_s3_stor
 
     from concurrent.futures import ThreadPoolExecutor
 
-    from genimg.storage import S3Store as Store
+    from genimg.stores.s3 import S3Store as Store
 
     base = make_s3_store()
     store = Store(base.settings, base.bucket, callers=24)  # more threads than the old fixed pool of 16

@@ -12,7 +12,7 @@ import pytest
 from genimg.imaging import decode
 from genimg.shards import verify_manifest
 from genimg.layout import Layout
-from genimg.storage import sha256_hex
+from genimg.stores.base import sha256_hex
 from producer import Client
 
 pytestmark = pytest.mark.slow

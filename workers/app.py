@@ -19,7 +19,6 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown
 
 from genimg import metrics
-from genimg.layout import Layout
 from genimg.queue import Keys
 from genimg.redaction import redact_all_handlers, register_url_secret
 from genimg.settings import StorageSettings, TritonSettings
@@ -95,12 +94,9 @@ class WorkerContext:
 
     def store_for(self, spec: JobSpec):
         """(store, layout) of the job's output URL; one store per bucket, reused."""
-        from genimg.stores import open_store
+        from genimg.stores import open_job_store
 
-        if spec.output not in self._stores:
-            self._stores[spec.output] = open_store(spec.output, self.storage_settings)
-        store, prefix = self._stores[spec.output]
-        return store, Layout(bucket=store.bucket, prefix=prefix, job_id=spec.job_id)
+        return open_job_store(spec.output, spec.job_id, self.storage_settings, cache=self._stores)
 
 
 _CTX: WorkerContext | None = None

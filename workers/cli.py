@@ -41,7 +41,7 @@ def validate_settings() -> object:
         check_spec_settings,
         load_settings,
     )
-    from genimg.storage import check_storage
+    from genimg.stores.s3_client import check_storage
     from workers.config import WorkerSettings, check_timing
 
     check_retired_variables()

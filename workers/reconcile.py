@@ -338,16 +338,11 @@ class Reconciler:
             self.first_seen.pop((job_id, shard), None)
 
     def _finalise(self, spec: JobSpec) -> bool:
-        from genimg.layout import Layout
-        from genimg.settings import StorageSettings
-        from genimg.stores import open_store
+        from genimg.stores import open_job_store
 
         try:
-            if spec.output not in self._stores:
-                self._stores[spec.output] = open_store(spec.output, self.storage or StorageSettings.from_env())
-            store, prefix = self._stores[spec.output]
-            done = jobs.finalize_if_complete(self.r, self.keys, store,
-                                             Layout(bucket=store.bucket, prefix=prefix, job_id=spec.job_id), spec)
+            store, layout = open_job_store(spec.output, spec.job_id, self.storage, cache=self._stores)
+            done = jobs.finalize_if_complete(self.r, self.keys, store, layout, spec)
         except GenImgError as e:
             log.warning("could not finalise finished job %s yet: %s", spec.job_id, e)
             return False
@@ -384,7 +379,7 @@ def validate_settings() -> tuple[WorkerSettings, ReconcileSettings, Any]:
         ConfigError: one line naming the first invalid variable and the allowed values.
     """
     from genimg.settings import StorageSettings, check_retired_variables, load_settings
-    from genimg.storage import check_storage
+    from genimg.stores.s3_client import check_storage
     from workers.config import check_timing
 
     check_retired_variables()

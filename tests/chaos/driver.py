@@ -66,7 +66,8 @@ from genimg.queue import Keys, backlog
 from genimg.shards import STATUS_OK, committed_shards, read_shard_index, verify_manifest
 from genimg.layout import Layout
 from genimg.spec import JobSpec
-from genimg.storage import S3Store, sha256_hex
+from genimg.stores.s3 import S3Store
+from genimg.stores.base import sha256_hex
 from genimg.triton.server import TritonServer
 from producer import Client
 from tests.fixtures.faultproxy import FaultProxy, RecordedRequest

@@ -114,7 +114,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         for key, value in env.items():
             mp.setenv(key, value)
         from genimg.settings import StorageSettings
-        from genimg.storage import S3Store
+        from genimg.stores.s3 import S3Store
 
         store = S3Store(StorageSettings.from_env(), BUCKET)
         store.ensure_bucket()

@@ -19,7 +19,7 @@ import pytest
 
 from genimg.imaging import decode
 from genimg.shards import committed_shards, read_shard_index, verify_manifest
-from genimg.storage import sha256_hex
+from genimg.stores.base import sha256_hex
 from producer import Client
 from tests.containers import kube
 from tests.containers.conftest import ENABLED, IMAGES, REPORT, ROOT, SKIP_REASON, BUCKET, podman, save_logs

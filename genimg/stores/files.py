@@ -1,4 +1,4 @@
-"""A local-directory object store for ``file://`` outputs (the :class:`~genimg.storage.ObjectStore` seam).
+"""A local-directory object store for ``file://`` outputs (the :class:`~genimg.stores.base.ObjectStore` seam).
 
 :class:`FileStore` maps keys to files under one root directory, so the shard
 protocol, the producer and the manifest work unchanged on a laptop disk or a
@@ -28,14 +28,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from genimg.errors import PayloadTooLargeError, StorageError, StorageNotFoundError, ValidationError
-from genimg.storage import ObjectInfo, PutResult, sha256_hex
+from genimg.stores.base import ObjectInfo, PutResult, sha256_hex
 from genimg.urls import SEGMENT_RE
 
 logger = logging.getLogger(__name__)
 
 LOCAL_BUCKET = "local"
 """The ``bucket`` name every :class:`FileStore` reports (a valid S3 name, so
-:class:`genimg.shards.Layout` accepts it); the root directory is what differs."""
+:class:`genimg.layout.Layout` accepts it); the root directory is what differs."""
 
 _TMP_MARK = ".genimg-tmp-"
 
@@ -63,7 +63,7 @@ class FileStore:
         return f"FileStore({str(self.root)!r})"
 
     def close(self) -> None:
-        """Nothing to release (kept for symmetry with :class:`~genimg.storage.S3Store`)."""
+        """Nothing to release (kept for symmetry with :class:`~genimg.stores.s3.S3Store`)."""
 
     def __enter__(self) -> FileStore:
         return self

@@ -1,36 +1,20 @@
-"""S3-compatible object storage: one boto3 client configured for any S3 API.
+"""S3-compatible object storage: :class:`S3Store`, one bucket through a boto3 client configured for any S3 API.
 
-The only genimg module that talks to botocore. Every botocore/boto3 error is
-translated here, with ``raise ... from e``:
+The only genimg module that talks to botocore (its client is configured in
+:mod:`genimg.stores.s3_client`). Every botocore/boto3 error is translated here,
+with ``raise ... from e``:
 
 * 5xx, ``SlowDown`` and other throttling codes, connection/read failures →
   :class:`~genimg.errors.StorageUnavailableError` (retry later);
 * ``NoSuchKey``, ``NoSuchBucket``, HTTP 404 → :class:`~genimg.errors.StorageNotFoundError`;
 * anything else → :class:`~genimg.errors.StorageError`.
 
-Client configuration (case C6, "any S3 API"): checksums are computed and
-validated only ``when_required`` (recent botocore otherwise sends CRC
-``x-amz-checksum-*`` headers and ``aws-chunked`` bodies some stores reject);
-``DeleteObjects`` — which S3 requires a checksum for — carries the classic
-``Content-MD5`` header instead of a CRC32 one, the form every S3 API accepts;
-path-style addressing by default; botocore's ``standard`` or ``adaptive``
-retry mode; a connection pool sized for the store's callers (:func:`pool_size`:
-threads that call it at once × parts uploaded at once per call, plus spares),
-so urllib3 never discards connections with "Connection pool is full".
-
-Throttles and retries are counted (:func:`count_s3_attempts`, botocore event
-hooks on every attempt): ``genimg_s3_throttled_total{operation,code}`` for each
-response that throttled (503, 429 or a throttling code such as ``SlowDown``),
-``genimg_s3_retries_total{operation,code}`` for each failed attempt botocore
-retried. Both count inside botocore's own retries, which genimg's errors never see.
-
 Integrity is by sha256 of the bytes, stored as user metadata ``sha256`` on
 every object written; ETags are never used for integrity (a multipart ETag is
 not an MD5 of the object).
 
-Secrets (case C7): credentials come from settings, a mounted file or boto3's
-standard chain, and are never logged: each store registers its credentials
-with :mod:`genimg.redaction`, whose filter is attached to every botocore, boto3,
+Secrets (case C7): each store registers its credentials with
+:mod:`genimg.redaction`, whose filter is attached to every botocore, boto3,
 s3transfer and urllib3 logger, so even at DEBUG the ``Authorization`` header,
 signatures, access key ids, secret keys and session tokens are redacted.
 
@@ -41,7 +25,6 @@ thread-safe but not fork-safe).
 from __future__ import annotations
 
 import base64
-import configparser
 import hashlib
 import io
 import logging
@@ -49,7 +32,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 import boto3
 import boto3.exceptions
@@ -57,10 +40,8 @@ import boto3.s3.transfer  # imported eagerly so its loggers exist before redacti
 import botocore.exceptions
 import s3transfer.exceptions
 import urllib3.exceptions
-from botocore.config import Config
 
 from genimg.errors import (
-    ConfigError,
     PayloadTooLargeError,
     StorageError,
     StorageNotFoundError,
@@ -69,6 +50,15 @@ from genimg.errors import (
 )
 from genimg.redaction import install_secret_redaction
 from genimg.settings import StorageSettings
+from genimg.stores.base import ObjectInfo, PutResult, sha256_hex
+from genimg.stores.s3_client import (
+    UNAVAILABLE_CODES,
+    client_config,
+    count_s3_attempts,
+    delete_objects_content_md5,
+    pool_size,
+    resolve_credentials,
+)
 from genimg.urls import BUCKET_RE
 
 logger = logging.getLogger(__name__)
@@ -79,44 +69,7 @@ SHA256_METADATA_KEY = "sha256"
 DELETE_BATCH_SIZE = 1000
 """Keys per ``DeleteObjects`` request (S3's maximum)."""
 
-_UNAVAILABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "RequestTimeout",
-        "RequestTimeoutException",
-        "ServiceUnavailable",
-        "InternalError",
-        "PriorRequestNotComplete",
-        "OperationAborted",
-    }
-)
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "NoSuchUpload", "404"})
-_THROTTLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "ThrottledException",
-        "RequestThrottled",
-        "RequestThrottledException",
-        "TooManyRequestsException",
-        "RequestLimitExceeded",
-        "BandwidthLimitExceeded",
-        "ProvisionedThroughputExceededException",
-    }
-)
-_RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-SPARE_CONNECTIONS = 2
-"""Connections beyond ``callers × s3_transfer_max_concurrency`` (a HEAD or GET beside the uploads)."""
 
 _BOTO_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.BotoCoreError,
@@ -136,45 +89,6 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """What :meth:`S3Store.put_bytes` wrote.
-
-    Attributes:
-        key: object key.
-        size_bytes: object size.
-        sha256: hex sha256 of the bytes (also stored as metadata ``sha256``).
-        multipart: whether the multipart API was used.
-    """
-
-    key: str
-    size_bytes: int
-    sha256: str
-    multipart: bool
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """Object metadata from a HEAD request.
-
-    Attributes:
-        key: object key.
-        size_bytes: object size.
-        sha256: metadata ``sha256`` (hex), or ``None`` when the writer set none.
-        content_type: the stored ``Content-Type``.
-        etag: the ETag as returned (not an integrity check).
-    """
-
-    key: str
-    size_bytes: int
-    sha256: str | None
-    content_type: str
-    etag: str
-
-
 @dataclass(frozen=True)
 class MultipartUpload:
     """An unfinished multipart upload.
@@ -189,28 +103,6 @@ class MultipartUpload:
     upload_id: str
     initiated: datetime
 
-
-class ObjectStore(Protocol):
-    """The storage seam the shard protocol needs (implemented by :class:`S3Store`)."""
-
-    bucket: str
-
-    def put_bytes(
-        self, key: str, data: bytes, content_type: str = ..., *, metadata: Mapping[str, str] | None = ...
-    ) -> PutResult: ...
-
-    def get_bytes(self, key: str, *, max_bytes: int | None = ..., verify_sha256: bool = ...) -> bytes: ...
-
-    def get_range(self, key: str, start: int, length: int) -> bytes: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def list_keys(self, prefix: str) -> list[str]: ...
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of ``data`` (64 lowercase characters)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- error translation
@@ -247,7 +139,7 @@ def translate_error(e: BaseException, what: str) -> StorageError:
         message = f"{what}: {code or status} {err.get('Message', '')}".strip()
         if code in _NOT_FOUND_CODES or status == 404:
             return StorageNotFoundError(message)
-        if code in _UNAVAILABLE_CODES or status >= 500 or status == 429:
+        if code in UNAVAILABLE_CODES or status >= 500 or status == 429:
             return StorageUnavailableError(message)
         return StorageError(message)
     if isinstance(cause, _TRANSIENT_ERRORS):
@@ -262,190 +154,6 @@ def _translated(what: str) -> Iterator[None]:
     except _BOTO_ERRORS as e:
         raise translate_error(e, what) from e
 
-
-# --------------------------------------------------------------------------- the client
-
-
-def _delete_objects_content_md5(params: dict[str, Any], **_: Any) -> None:
-    """``before-call.s3.DeleteObjects``: send Content-MD5 instead of a CRC32 checksum.
-
-    S3 requires an integrity header on DeleteObjects. botocore ≥ 1.36 sends
-    ``x-amz-checksum-crc32`` even with ``when_required``, which S3-compatible
-    stores that predate flexible checksums answer with ``MissingContentMD5``.
-    Content-MD5 is accepted by AWS S3 and every S3 API.
-    """
-    body = params.get("body") or b""
-    if isinstance(body, str):
-        body = body.encode("utf-8")
-    if isinstance(body, (bytes, bytearray)):
-        digest = hashlib.md5(body, usedforsecurity=False).digest()
-        params["headers"]["Content-MD5"] = base64.b64encode(digest).decode("ascii")
-        checksum = params.get("context", {}).get("checksum", {})
-        checksum.pop("request_algorithm", None)
-        checksum.pop("request_algorithm_header", None)
-
-
-def _read_credentials_file(settings: StorageSettings) -> dict[str, str]:
-    path = settings.s3_credentials_file
-    assert path is not None
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        with open(path, encoding="utf-8") as f:
-            parser.read_file(f)
-    except OSError as e:
-        raise ConfigError(f"cannot read S3 credentials file {path}: {e.strerror}") from e
-    except configparser.Error as e:
-        raise ConfigError(f"S3 credentials file {path} is not an INI file") from e
-    profile = settings.s3_credentials_profile
-    if not parser.has_section(profile):
-        raise ConfigError(f"S3 credentials file {path} has no [{profile}] section")
-    section = parser[profile]
-    key_id = section.get("aws_access_key_id", "").strip()
-    secret = section.get("aws_secret_access_key", "").strip()
-    if not key_id or not secret:
-        raise ConfigError(
-            f"S3 credentials file {path} [{profile}] needs aws_access_key_id and aws_secret_access_key"
-        )
-    creds = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
-    token = section.get("aws_session_token", "").strip()
-    if token:
-        creds["aws_session_token"] = token
-    return creds
-
-
-def resolve_credentials(settings: StorageSettings) -> dict[str, str]:
-    """Explicit credentials for boto3, or ``{}`` to use boto3's standard chain.
-
-    Order: ``GENIMG_S3_ACCESS_KEY_ID``/``GENIMG_S3_SECRET_ACCESS_KEY``
-    (+ ``GENIMG_S3_SESSION_TOKEN``), then ``GENIMG_S3_CREDENTIALS_FILE``, then
-    ``{}`` (``AWS_*`` variables, web identity, instance role, ...).
-
-    Raises:
-        ConfigError: only one of key id / secret is set, or the credentials
-            file is unreadable or incomplete.
-    """
-    key_id = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else ""
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else ""
-    if key_id or secret:
-        if not (key_id and secret):
-            raise ConfigError("set both GENIMG_S3_ACCESS_KEY_ID and GENIMG_S3_SECRET_ACCESS_KEY, or neither")
-        creds = {"aws_access_key_id": key_id, "aws_secret_access_key": secret}
-        if settings.s3_session_token:
-            creds["aws_session_token"] = settings.s3_session_token.get_secret_value()
-        return creds
-    if settings.s3_credentials_file is not None:
-        return _read_credentials_file(settings)
-    return {}
-
-
-def check_storage(settings: StorageSettings) -> None:
-    """Start-up checks of S3 settings beyond their types: files that must exist, credentials that must pair.
-
-    Raises:
-        ConfigError: naming the variable.
-    """
-    bundle = settings.s3_ca_bundle
-    if bundle is not None and not bundle.is_file():
-        raise ConfigError(f"invalid GENIMG_S3_CA_BUNDLE={str(bundle)!r}: allowed an existing PEM file")
-    creds = settings.s3_credentials_file
-    if creds is not None and not creds.is_file():
-        raise ConfigError(f"invalid GENIMG_S3_CREDENTIALS_FILE={str(creds)!r}: allowed an existing "
-                          "AWS-style INI file")
-    resolve_credentials(settings)  # pairs of key id and secret, a readable profile
-
-
-def pool_size(settings: StorageSettings, callers: int = 1) -> tuple[int, int]:
-    """``(max_pool_connections, transfer_concurrency)`` for a store that ``callers`` threads use at once.
-
-    Each caller may run one upload with ``s3_transfer_max_concurrency`` part
-    uploads in flight, so the pool holds ``callers × concurrency +``
-    :data:`SPARE_CONNECTIONS`. An explicit ``GENIMG_S3_MAX_POOL_CONNECTIONS``
-    is kept, and the part concurrency is lowered to fit it instead.
-    """
-    callers = max(1, int(callers))
-    concurrency = settings.s3_transfer_max_concurrency
-    if settings.s3_max_pool_connections is None:
-        return callers * concurrency + SPARE_CONNECTIONS, concurrency
-    pool = settings.s3_max_pool_connections
-    return pool, max(1, min(concurrency, pool // callers))
-
-
-def client_config(settings: StorageSettings, max_pool_connections: int | None = None) -> Config:
-    """The botocore client configuration genimg uses for every S3 API (case C6).
-
-    Args:
-        settings: the S3 settings.
-        max_pool_connections: connection pool size (default :func:`pool_size` for one caller).
-    """
-    if max_pool_connections is None:
-        max_pool_connections = pool_size(settings)[0]
-    return Config(
-        region_name=settings.s3_region,
-        signature_version="s3v4",
-        s3={"addressing_style": settings.s3_addressing_style},
-        retries={"mode": settings.s3_retry_mode, "total_max_attempts": settings.s3_max_attempts},
-        max_pool_connections=max_pool_connections,
-        connect_timeout=settings.s3_connect_timeout_s,
-        read_timeout=settings.s3_read_timeout_s,
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-        tcp_keepalive=True,
-        user_agent_extra="genimg",
-    )
-
-
-def _attempt_error(response: Any, caught_exception: BaseException | None) -> tuple[str, bool] | None:
-    """``(code, throttled)`` of a failed, retryable-looking attempt; ``None`` for a success or a final answer."""
-    if caught_exception is not None:
-        return type(caught_exception).__name__, False
-    if not response:
-        return None
-    http, parsed = response
-    status = int(getattr(http, "status_code", 0) or 0)
-    code = str(((parsed or {}).get("Error") or {}).get("Code") or "")
-    if status < 400 and not code:
-        return None
-    throttled = status in (429, 503) or code in _THROTTLE_CODES
-    if not (throttled or status in _RETRYABLE_STATUS or code in _UNAVAILABLE_CODES):
-        return None  # 404, 403, 400 …: answers, not faults
-    return code or str(status), throttled
-
-
-def _on_needs_retry(response: Any = None, caught_exception: BaseException | None = None, operation: Any = None,
-                    request_dict: dict[str, Any] | None = None, **_: Any) -> None:
-    """``needs-retry.s3``: runs after every attempt; counts throttles, marks the attempt for the retry count.
-
-    Returns ``None`` always, so botocore's own retry handler alone decides.
-    """
-    found = _attempt_error(response, caught_exception)
-    if found is None:
-        return None
-    from genimg import metrics
-
-    code, throttled = found
-    name = getattr(operation, "name", "unknown")
-    if throttled:
-        metrics.S3_THROTTLED.labels(name, code).inc()
-    if request_dict is not None:
-        request_dict.setdefault("context", {})["genimg_failed_attempt"] = (name, code)
-    return None
-
-
-def _on_request_created(request: Any = None, **_: Any) -> None:
-    """``request-created.s3``: an attempt after a failed one is a retry: count it under the failure's code."""
-    context = getattr(request, "context", None)
-    if isinstance(context, dict):
-        failed = context.pop("genimg_failed_attempt", None)
-        if failed is not None:
-            from genimg import metrics
-
-            metrics.S3_RETRIES.labels(*failed).inc()
-
-
-def count_s3_attempts(client: Any) -> None:
-    """Register the throttle and retry counters' botocore event hooks on an S3 ``client``."""
-    client.meta.events.register("needs-retry.s3", _on_needs_retry, unique_id="genimg-count-needs-retry")
-    client.meta.events.register("request-created.s3", _on_request_created, unique_id="genimg-count-retries")
 
 
 class S3Store:
@@ -488,7 +196,7 @@ class S3Store:
             config=client_config(settings, pool),
             verify=verify,
         )
-        self._client.meta.events.register("before-call.s3.DeleteObjects", _delete_objects_content_md5)
+        self._client.meta.events.register("before-call.s3.DeleteObjects", delete_objects_content_md5)
         count_s3_attempts(self._client)
         self._transfer_config = boto3.s3.transfer.TransferConfig(
             multipart_threshold=settings.s3_multipart_threshold_bytes,
