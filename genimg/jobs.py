@@ -1,26 +1,50 @@
-"""Job bookkeeping in Redis (see :mod:`genimg.queue` for the key layout) and job finalisation.
+"""The job's state in Redis (every read and write of it) and the job's finalisation.
 
-Every write here is idempotent: a shard committed twice, or a finaliser run
-twice, leaves the same state. Reading a job's progress costs O(1) in its
-number of shards: the done-hash's item counts are summed into a ``totals``
-hash by the same Lua script that adds the shard to the done-hash, once per
-shard (:func:`mark_done`), so neither ``status`` nor the check a worker runs
-after each shard reads the whole done-hash.
+Redis keys (``{p}`` is the key prefix, ``GENIMG_KEY_PREFIX``, default ``genimg``):
+
+| key | type | meaning |
+| --- | --- | --- |
+| ``{p}:job:{id}:spec`` | string | the JobSpec JSON (also in storage as ``job.json``) |
+| ``{p}:job:{id}:done`` | hash | shard → ``"ok_items,failed_items"`` of each committed shard |
+| ``{p}:job:{id}:failed`` | hash | shard → reason, shards that failed permanently |
+| ``{p}:job:{id}:running`` | hash | shard → worker hostname, while a worker runs it |
+| ``{p}:job:{id}:totals`` | hash | ``items_ok``, ``items_failed``: sums over the done-hash, kept by :func:`mark_done` |
+| ``{p}:job:{id}:state`` | string | ``cancelled`` once cancelled (otherwise derived) |
+| ``{p}:job:{id}:healed`` | hash | shard → times the reconciler re-enqueued it (``genimg reconcile``) |
+| ``{p}:job:{id}:summary`` | string | the ``_SUCCESS`` summary once finalised |
+| ``{p}:job:{id}:finalizing`` | string | the finaliser's lock (300 s TTL) |
+| ``{p}:job:{id}:part:{n}`` | string | lock of a worker writing manifest part ``n`` (300 s TTL) |
+| ``{p}:jobs`` | sorted set | job ids by submit time |
+| ``{p}:idem:{key}`` | string | job id of an idempotency key |
+| ``{p}:reconciler:lease`` | string | token of the ``genimg reconcile`` replica that acts (expires) |
+
+Completion is counted by hash membership, so a shard committed twice counts once.
+
+Redis errors become :class:`~genimg.errors.QueueUnavailableError` through one
+translator (:func:`genimg.queue.redis_errors`). Every write here is idempotent:
+a shard committed twice, or a finaliser run twice, leaves the same state.
+Reading a job's progress costs O(1) in its number of shards: the done-hash's
+item counts are summed into a ``totals`` hash by the same Lua script that adds
+the shard to the done-hash, once per shard (:func:`mark_done`), so neither
+``status`` nor the check a worker runs after each shard reads the whole done-hash.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import redis
 
-from genimg.errors import QueueUnavailableError, StorageNotFoundError
-from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT, Layout
+from genimg.errors import StorageNotFoundError
+from genimg.layout import SUCCESS_OBJECT, Layout
 from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
-from genimg.queue import Keys, describe_redis_error
+from genimg.queue import redis_errors
 from genimg.spec import JobSpec
 from genimg.stores.base import ObjectStore
 
@@ -56,21 +80,44 @@ return {ok, bad}
 """Recompute the totals from the done-hash (after resume rewrote it, or for a job from before the totals)."""
 
 
-def _redis_op(what: str):
-    """Decorator translating redis-py errors into QueueUnavailableError."""
+P = ParamSpec("P")
+R = TypeVar("R")
 
-    def wrap(fn):
-        def inner(*a, **kw):
-            try:
+
+def _redis_op(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: the function's redis-py errors become QueueUnavailableError (:func:`redis_errors`)."""
+
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*a: P.args, **kw: P.kwargs) -> R:
+            with redis_errors(what):
                 return fn(*a, **kw)
-            except redis.RedisError as e:
-                raise QueueUnavailableError(f"Redis unavailable during {what}: {describe_redis_error(e)}") from e
 
-        inner.__name__ = fn.__name__
-        inner.__doc__ = fn.__doc__
         return inner
 
     return wrap
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Redis key names of one key prefix."""
+
+    prefix: str = "genimg"
+
+    def job(self, job_id: str, part: str) -> str:
+        return f"{self.prefix}:job:{job_id}:{part}"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.prefix}:jobs"
+
+    def idem(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+
+def _done_value(ok: int, failed: int) -> str:
+    """A done-hash value: ``"ok_items,failed_items"`` (what :data:`_RECOUNT` parses)."""
+    return f"{int(ok)},{int(failed)}"
 
 
 @dataclass(frozen=True)
@@ -107,23 +154,107 @@ def store_spec(r: redis.Redis, keys: Keys, spec: JobSpec) -> None:
     pipe.execute()
 
 
-def load_spec(r: redis.Redis, keys: Keys, store: ObjectStore | None, layout: Layout | None,
-              job_id: str) -> JobSpec:
-    """The job's spec from Redis, else from storage's ``job.json`` (after a Redis flush).
+@_redis_op("read spec")
+def read_spec_json(r: redis.Redis, keys: Keys, job_id: str) -> bytes | None:
+    """The job's stored spec JSON, or ``None`` when Redis does not know the job."""
+    raw = r.get(keys.job(job_id, "spec"))
+    return None if raw is None else bytes(raw)
+
+
+def load_spec(r: redis.Redis, keys: Keys, job_id: str) -> JobSpec:
+    """The job's spec from Redis (a worker's view: a job Redis lost is unknown until resumed).
 
     Raises:
-        StorageNotFoundError: the job is known to neither.
+        StorageNotFoundError: Redis does not know the job.
+        QueueUnavailableError: Redis is unreachable.
         ValidationError: the stored spec is invalid (e.g. edited by hand).
     """
-    try:
-        raw = r.get(keys.job(job_id, "spec"))
-    except redis.RedisError as e:
-        raise QueueUnavailableError(f"Redis unavailable reading job {job_id}: {type(e).__name__}") from e
+    raw = read_spec_json(r, keys, job_id)
     if raw is None:
-        if store is None or layout is None:
-            raise StorageNotFoundError(f"job {job_id} is unknown")
-        raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}")
+        raise StorageNotFoundError(f"job {job_id} is unknown")
     return JobSpec.from_json(raw)
+
+
+@_redis_op("list jobs")
+def recent_job_ids(r: redis.Redis, keys: Keys, limit: int) -> list[str]:
+    """Ids of the ``limit`` most recently submitted jobs Redis knows, newest first."""
+    ids = r.zrevrange(keys.jobs, 0, max(0, limit - 1))
+    return [raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw) for raw in ids]
+
+
+@_redis_op("claim idempotency key")
+def claim_idempotency_key(r: redis.Redis, keys: Keys, key: str, job_id: str, ttl_s: int) -> bool:
+    """Claim ``key`` for ``job_id`` for ``ttl_s`` seconds (``SET NX EX``); False when it is claimed already."""
+    return bool(r.set(keys.idem(key), job_id.encode(), nx=True, ex=ttl_s))
+
+
+@_redis_op("keep idempotency key")
+def keep_idempotency_key(r: redis.Redis, keys: Keys, key: str) -> None:
+    """Keep a claimed key for ever (its job is stored)."""
+    r.persist(keys.idem(key))
+
+
+@_redis_op("release idempotency key")
+def release_idempotency_key(r: redis.Redis, keys: Keys, key: str) -> None:
+    r.delete(keys.idem(key))
+
+
+@_redis_op("forget job")
+def forget_job(r: redis.Redis, keys: Keys, job_id: str, idempotency_key: str | None) -> None:
+    """Undo :func:`store_spec` (and an idempotency claim) of a submit that failed."""
+    pipe = r.pipeline()
+    pipe.delete(keys.job(job_id, "spec"))
+    pipe.zrem(keys.jobs, job_id)
+    if idempotency_key is not None:
+        pipe.delete(keys.idem(idempotency_key))
+    pipe.execute()
+
+
+@_redis_op("read summary")
+def stored_summary(r: redis.Redis, keys: Keys, job_id: str) -> dict[str, Any] | None:
+    """The job's ``_SUCCESS`` summary as Redis keeps it, or ``None`` before finalisation."""
+    raw = r.get(keys.job(job_id, "summary"))
+    return json.loads(raw) if raw else None
+
+
+@_redis_op("cancel")
+def cancel(r: redis.Redis, keys: Keys, job_id: str) -> None:
+    """Set the job's ``cancelled`` state: workers skip its shards from now on."""
+    r.set(keys.job(job_id, "state"), b"cancelled")
+
+
+@_redis_op("read done")
+def done_shards(r: redis.Redis, keys: Keys, job_id: str) -> set[int]:
+    """Shards in the job's done-hash (O(shards))."""
+    return {int(s) for s in r.hkeys(keys.job(job_id, "done"))}
+
+
+@_redis_op("restore done")
+def restore_done(r: redis.Redis, keys: Keys, job_id: str, item_counts: Mapping[int, tuple[int, int]]) -> None:
+    """Put committed shards back into the done-hash with their ``(ok, failed)`` item counts (then
+    :func:`recount_totals`)."""
+    shards = sorted(item_counts)
+    for i in range(0, len(shards), 10_000):
+        part = {str(s): _done_value(*item_counts[s]) for s in shards[i:i + 10_000]}
+        r.hset(keys.job(job_id, "done"), mapping=part)
+
+
+@_redis_op("reset job state")
+def reset_for_resume(r: redis.Redis, keys: Keys, job_id: str, todo: Iterable[int]) -> None:
+    """Clear a resumed job's ``cancelled`` state and, for the shards ``todo`` (no committed index), their done,
+    failed, running and reconciler records, and the stale summary (when any shard is left to do)."""
+    todo = list(todo)
+    pipe = r.pipeline()
+    pipe.delete(keys.job(job_id, "state"))
+    if todo:
+        pipe.delete(keys.job(job_id, "summary"))
+        for i in range(0, len(todo), 10_000):
+            part = [str(s) for s in todo[i:i + 10_000]]
+            pipe.hdel(keys.job(job_id, "failed"), *part)
+            pipe.hdel(keys.job(job_id, "running"), *part)
+            pipe.hdel(keys.job(job_id, "done"), *part)  # its index is gone: not done
+            pipe.hdel(keys.job(job_id, "healed"), *part)  # the reconciler's count starts afresh
+    pipe.execute()
 
 
 @_redis_op("mark running")
@@ -140,7 +271,7 @@ def mark_done(r: redis.Redis, keys: Keys, job_id: str, shard: int, ok: int, fail
     """
     k = keys.job
     new = r.eval(_MARK_DONE, 4, k(job_id, "done"), k(job_id, "failed"), k(job_id, "running"),
-                 k(job_id, "totals"), str(shard), f"{ok},{failed}", int(ok), int(failed))
+                 k(job_id, "totals"), str(shard), _done_value(ok, failed), int(ok), int(failed))
     return bool(new)
 
 
@@ -162,11 +293,6 @@ def mark_failed(r: redis.Redis, keys: Keys, job_id: str, shard: int, reason: str
     pipe.hset(keys.job(job_id, "failed"), str(shard), reason[:500])
     pipe.hdel(keys.job(job_id, "running"), str(shard))
     pipe.execute()
-
-
-@_redis_op("clear running")
-def clear_running(r: redis.Redis, keys: Keys, job_id: str, shard: int) -> None:
-    r.hdel(keys.job(job_id, "running"), str(shard))
 
 
 @_redis_op("read cancel flag")
@@ -213,13 +339,10 @@ def compact_part_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, lay
     part = plan.part_of_shard(shard)
     start, stop = plan.part_range(part)
     lock = keys.job(spec.job_id, f"part:{part}")
-    try:
+    with redis_errors(f"compacting job {spec.job_id}"):
         done = r.hmget(keys.job(spec.job_id, "done"), [str(s) for s in range(start, stop)])
         if any(v is None for v in done) or not r.set(lock, b"1", nx=True, ex=300):
             return False
-    except redis.RedisError as e:
-        raise QueueUnavailableError(f"Redis unavailable compacting job {spec.job_id}: "
-                                    f"{describe_redis_error(e)}") from e
     try:
         summary = read_summary(store, layout, part)
         if summary is not None and summary.final and summary.shards == (start, stop):
@@ -256,16 +379,15 @@ def finalize_if_complete(r: redis.Redis, keys: Keys, store: ObjectStore, layout:
         if not c.finished or c.cancelled:
             return finished
         lock = keys.job(spec.job_id, "finalizing")
-        try:
+        with redis_errors(f"finalising job {spec.job_id}"):
             if not r.set(lock, b"1", nx=True, ex=300):
                 return finished
-        except redis.RedisError as e:
-            raise QueueUnavailableError(f"Redis unavailable finalising job {spec.job_id}") from e
         try:
             _finalize(r, keys, store, layout, spec, c)
             finished = True
         finally:
-            r.delete(lock)
+            with redis_errors(f"finalising job {spec.job_id}"):
+                r.delete(lock)
         after = counts(r, keys, spec)
         if (after.shards_done, after.shards_failed) == (c.shards_done, c.shards_failed):
             return True
@@ -282,10 +404,11 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
         if aborted:
             log.info("aborted %d unfinished multipart uploads", aborted, extra={"job_id": spec.job_id})
     failures: dict[str, str] = {}
-    for k, v in r.hscan_iter(keys.job(spec.job_id, "failed"), count=1000):
-        failures[k.decode()] = v.decode()
-        if len(failures) >= FAILED_SHARDS_LISTED:
-            break
+    with redis_errors(f"finalising job {spec.job_id}"):
+        for k, v in r.hscan_iter(keys.job(spec.job_id, "failed"), count=1000):
+            failures[k.decode()] = v.decode()
+            if len(failures) >= FAILED_SHARDS_LISTED:
+                break
     started = spec.created_at.timestamp()
     summary = {
         "job_id": spec.job_id, "state": c.state, "num_shards": c.num_shards,
@@ -300,7 +423,8 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
     summary["images_per_s"] = round(summary["items_ok"] / max(summary["seconds"], 1e-9), 3)
     store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
                     "application/json")
-    r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
+    with redis_errors(f"finalising job {spec.job_id}"):
+        r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
     log.info("job finalised", extra={"job_id": spec.job_id, **{k: v for k, v in summary.items()
                                                               if k not in ("failed_shards", "manifest")}})
 

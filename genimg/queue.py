@@ -1,4 +1,4 @@
-"""Queue names, Redis key layout, job bookkeeping and the backlog signal.
+"""The Celery queue on Redis: priorities, the backlog signal and the one translator of Redis errors.
 
 Priorities: one Celery queue (``genimg`` by default) with kombu's Redis
 priority emulation (``priority_steps`` :data:`PRIORITY_STEPS`,
@@ -8,30 +8,17 @@ priority level would instead be polled round-robin by kombu, which lets low
 priority work overtake high. Celery's Redis priorities run 0 (highest) to 9;
 genimg's ``priority`` (0 lowest … 9 highest) is mapped by :func:`celery_priority`.
 
-Redis keys (``{p}`` is the key prefix, ``GENIMG_KEY_PREFIX``, default ``genimg``):
-
-| key | type | meaning |
-| --- | --- | --- |
-| ``{p}:job:{id}:spec`` | string | the JobSpec JSON (also in storage as ``job.json``) |
-| ``{p}:job:{id}:done`` | hash | shard → ``"ok_items,failed_items"`` of each committed shard |
-| ``{p}:job:{id}:failed`` | hash | shard → reason, shards that failed permanently |
-| ``{p}:job:{id}:running`` | hash | shard → worker hostname, while a worker runs it |
-| ``{p}:job:{id}:totals`` | hash | ``items_ok``, ``items_failed``: sums over the done-hash, kept by :func:`genimg.jobs.mark_done` |
-| ``{p}:job:{id}:state`` | string | ``cancelled`` once cancelled (otherwise derived) |
-| ``{p}:job:{id}:healed`` | hash | shard → times the reconciler re-enqueued it (``genimg reconcile``) |
-| ``{p}:job:{id}:summary`` | string | the ``_SUCCESS`` summary once finalised |
-| ``{p}:job:{id}:finalizing`` | string | the finaliser's lock (300 s TTL) |
-| ``{p}:job:{id}:part:{n}`` | string | lock of a worker writing manifest part ``n`` (300 s TTL) |
-| ``{p}:jobs`` | sorted set | job ids by submit time |
-| ``{p}:idem:{key}`` | string | job id of an idempotency key |
-| ``{p}:reconciler:lease`` | string | token of the ``genimg reconcile`` replica that acts (expires) |
-
-Completion is counted by hash membership, so a shard committed twice counts once.
+Redis errors are translated to :class:`~genimg.errors.QueueUnavailableError`
+by one translator, :func:`redis_errors` (the job's state, :mod:`genimg.jobs`,
+the backlog and the producer all use it). The keys of a job's state are
+:class:`genimg.jobs.Keys`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
@@ -63,6 +50,22 @@ def describe_redis_error(e: BaseException) -> str:
     return out
 
 
+@contextmanager
+def redis_errors(what: str) -> Iterator[None]:
+    """Translate a redis-py error raised in the block into :class:`QueueUnavailableError` (``raise … from e``).
+
+    The message reads ``Redis unavailable during {what}: {type}: {Redis' words}``
+    (:func:`describe_redis_error`: no password ever shows).
+
+    Raises:
+        QueueUnavailableError: the block raised a ``redis.RedisError``.
+    """
+    try:
+        yield
+    except redis.RedisError as e:
+        raise QueueUnavailableError(f"Redis unavailable during {what}: {describe_redis_error(e)}") from e
+
+
 def celery_priority(priority: int) -> int:
     """Map genimg priority 0 (lowest) … 9 (highest) to Celery's Redis priority 9 … 0."""
     if not 0 <= priority <= 9:
@@ -73,23 +76,6 @@ def celery_priority(priority: int) -> int:
 def priority_lists(queue: str) -> list[str]:
     """The Redis list names kombu uses for ``queue``, one per priority step."""
     return [queue if step == 0 else f"{queue}{KOMBU_SEP}{step}" for step in PRIORITY_STEPS]
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Redis key names of one key prefix."""
-
-    prefix: str = "genimg"
-
-    def job(self, job_id: str, part: str) -> str:
-        return f"{self.prefix}:job:{job_id}:{part}"
-
-    @property
-    def jobs(self) -> str:
-        return f"{self.prefix}:jobs"
-
-    def idem(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
 
 
 @dataclass(frozen=True)
@@ -120,7 +106,7 @@ def backlog(client: redis.Redis, queue: str = "genimg", global_prefix: str = "")
     Raises:
         QueueUnavailableError: Redis is unreachable.
     """
-    try:
+    with redis_errors(f"reading the backlog of queue {queue}"):
         pipe = client.pipeline(transaction=False)
         for name in priority_lists(queue):
             pipe.llen(global_prefix + name)
@@ -132,6 +118,4 @@ def backlog(client: redis.Redis, queue: str = "genimg", global_prefix: str = "")
             except (ValueError, TypeError):
                 continue
             reserved += routing_key == queue
-    except redis.RedisError as e:
-        raise QueueUnavailableError(f"Redis unavailable while reading the backlog: {type(e).__name__}") from e
     return Backlog(queue=queue, waiting=int(waiting), reserved=int(reserved))

@@ -32,10 +32,10 @@ from __future__ import annotations
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
@@ -57,10 +57,11 @@ from genimg.inputs import (
     prompt_chunk_key,
     prompts_digest,
 )
+from genimg.jobs import Keys
 from genimg.layout import SPEC_OBJECT, Layout, check_job_id
 from genimg.limits import MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem
 from genimg.profiles import load_profiles
-from genimg.queue import Keys, celery_priority, describe_redis_error
+from genimg.queue import celery_priority, describe_redis_error
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
 from genimg.spec import JobSpec
@@ -78,13 +79,11 @@ UPLOAD_THREADS = 8
 MAX_UPLOADS_IN_FLIGHT = 16
 """Prompt chunks encoded but not yet stored (bounds the producer's memory)."""
 IDEMPOTENCY_CLAIM_TTL_S = 3_600
+"""Seconds an idempotency key stays claimed by a submit that has not finished (a crashed one)."""
 DEFAULT_TEXT_MODEL = "txt2img"
 """The profile a job with prompts and no ``model`` runs."""
 DEFAULT_NOISE_MODEL = "noise2img"
 """The profile a job with a count and no ``model`` runs."""
-"""Seconds an idempotency key stays claimed by a submit that has not finished (a crashed one)."""
-
-T = TypeVar("T")
 
 
 class Client:
@@ -157,15 +156,6 @@ class Client:
                                                health_check_interval=30)
         return self._redis
 
-    def redis_call(self, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Call a redis-py function, translating its errors to :class:`QueueUnavailableError`."""
-        try:
-            return fn(*args, **kwargs)
-        except redis.RedisError as e:
-            raise QueueUnavailableError(
-                f"Redis at {redact_url(self.settings.redis_url.get_secret_value())} unavailable "
-                f"during {what}: {describe_redis_error(e)}") from e
-
     def _app(self) -> Any:
         if self._celery is None:
             self._celery = producer_app(self.settings)
@@ -186,7 +176,7 @@ class Client:
             JobNotFoundError: neither Redis nor storage (when ``output`` is given) knows the job.
         """
         check_job_id(job_id)
-        raw = self.redis_call("read spec", self.redis.get, self.keys.job(job_id, "spec"))
+        raw = jobs.read_spec_json(self.redis, self.keys, job_id)
         if raw is None:
             if output is None:
                 raise JobNotFoundError(f"job {job_id} is unknown to Redis; pass its output URL "
@@ -215,10 +205,8 @@ class Client:
 
     def jobs(self, limit: int = 20) -> list[Job]:
         """The most recently submitted jobs, newest first (those Redis still knows)."""
-        ids = self.redis_call("list jobs", self.redis.zrevrange, self.keys.jobs, 0, max(0, limit - 1))
         out = []
-        for raw in ids:
-            job_id = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        for job_id in jobs.recent_job_ids(self.redis, self.keys, limit):
             try:
                 out.append(self.job(job_id))
             except (JobNotFoundError, ValidationError) as e:
@@ -345,12 +333,11 @@ class Client:
             raise ValidationError(f"bucket {store.bucket!r} does not exist (got {spec.output!r})",
                                   field="output") from e
 
-        idem = self.keys.idem(idempotency_key) if idempotency_key is not None else None
+        idem = idempotency_key
         if idem is not None:
-            claimed = self.redis_call("claim idempotency key", self.redis.set, idem, spec.job_id.encode(),
-                                      nx=True, ex=IDEMPOTENCY_CLAIM_TTL_S)
+            claimed = jobs.claim_idempotency_key(self.redis, self.keys, idem, spec.job_id, IDEMPOTENCY_CLAIM_TTL_S)
             if not claimed:
-                raw = self.redis_call("read spec", self.redis.get, self.keys.job(spec.job_id, "spec"))
+                raw = jobs.read_spec_json(self.redis, self.keys, spec.job_id)
                 if raw is None and f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
                     raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
                 if raw is not None:  # else the first submit is still storing prompts: nothing to compare yet
@@ -376,7 +363,7 @@ class Client:
             self._discard(store, layout, idem)
             raise
         if idem is not None:
-            self.redis_call("keep idempotency key", self.redis.persist, idem)
+            jobs.keep_idempotency_key(self.redis, self.keys, idem)
         log.info("stored job %s: %s, %d items in %d shards under %s", spec.job_id, spec.model,
                  spec.total_items, spec.shard_plan().num_shards, spec.job_prefix)
         self.enqueue_shards(spec, range(spec.shard_plan().num_shards))
@@ -391,10 +378,10 @@ class Client:
             _check_same_request(stored, spec)
             _check_same_prompts(stored, stream)
         except ConflictError:
-            self.redis_call("release idempotency key", self.redis.delete, idem)
+            jobs.release_idempotency_key(self.redis, self.keys, idem)
             raise
         jobs.store_spec(self.redis, self.keys, stored)
-        self.redis_call("keep idempotency key", self.redis.persist, idem)
+        jobs.keep_idempotency_key(self.redis, self.keys, idem)
         log.info("job %s is already stored under %s; nothing enqueued (use resume to finish it)",
                  spec.job_id, spec.output)
         return Job(self, stored.job_id, spec=stored)
@@ -438,15 +425,9 @@ class Client:
             log.error("submit failed and its stored objects under %s could not be deleted: %s",
                       layout.job_prefix, e)
         try:
-            pipe = self.redis.pipeline()
-            pipe.delete(self.keys.job(layout.job_id, "spec"))
-            pipe.zrem(self.keys.jobs, layout.job_id)
-            if idem is not None:
-                pipe.delete(idem)
-            pipe.execute()
-        except redis.RedisError as e:
-            log.error("submit failed and Redis could not be cleaned for job %s: %s", layout.job_id,
-                      type(e).__name__)
+            jobs.forget_job(self.redis, self.keys, layout.job_id, idem)
+        except QueueUnavailableError as e:
+            log.error("submit failed and Redis could not be cleaned for job %s: %s", layout.job_id, e)
 
     def enqueue_shards(self, spec: JobSpec, shards: Iterable[int]) -> int:
         """Send one task message per shard (queue ``GENIMG_QUEUE``, the job's priority).

@@ -1,7 +1,7 @@
 """One submitted dataset job: status, wait (with a progress bar), cancel, resume, manifest.
 
 A :class:`Job` is a handle: the job's truth lives in Redis (progress, see
-:mod:`genimg.queue` for the keys) and in storage (``job.json``, prompt chunks,
+:mod:`genimg.jobs` for the keys) and in storage (``job.json``, prompt chunks,
 committed shard indexes). Get one from :meth:`producer.client.Client.submit`
 or :meth:`producer.client.Client.job`.
 
@@ -153,8 +153,7 @@ class Job:
         spec = self.spec
         r, keys = self._client.redis, self._client.keys
         c = jobs.counts(r, keys, spec)
-        raw = self._client.redis_call("read summary", r.get, keys.job(self.job_id, "summary"))
-        summary = json.loads(raw) if raw else None
+        summary = jobs.stored_summary(r, keys, self.job_id)
         if summary is not None and not c.cancelled and not c.finished:
             summary = None  # left over from before a resume
         queued = max(0, c.num_shards - c.shards_done - c.shards_failed - c.shards_running)
@@ -238,7 +237,7 @@ class Job:
             log.info("job %s already %s; nothing to cancel", self.job_id, before.state)
             return before
         r, keys = self._client.redis, self._client.keys
-        self._client.redis_call("cancel", r.set, keys.job(self.job_id, "state"), b"cancelled")
+        jobs.cancel(r, keys, self.job_id)
         log.info("cancelled job %s", self.job_id)
         return self.status()
 
@@ -275,7 +274,7 @@ class Job:
         jobs.store_spec(r, keys, spec)
 
         committed = committed_shards(store, layout)
-        known = {int(s) for s in self._client.redis_call("read done", r.hkeys, keys.job(self.job_id, "done"))}
+        known = jobs.done_shards(r, keys, self.job_id)
         missing = [s for s in committed if s not in known]
         if missing:
             self._restore_done(store, layout, missing)
@@ -285,17 +284,7 @@ class Job:
         if todo:  # the parts of these shards' ranges and _SUCCESS are out of date once they run
             store.delete_prefix(f"{layout.job_prefix}/{SUCCESS_OBJECT}")
             manifests.invalidate_parts(store, layout, PartPlan.for_spec(spec), todo)
-        pipe = r.pipeline()
-        pipe.delete(keys.job(self.job_id, "state"))
-        if todo:
-            pipe.delete(keys.job(self.job_id, "summary"))
-            for i in range(0, len(todo), 10_000):
-                part = [str(s) for s in todo[i:i + 10_000]]
-                pipe.hdel(keys.job(self.job_id, "failed"), *part)
-                pipe.hdel(keys.job(self.job_id, "running"), *part)
-                pipe.hdel(keys.job(self.job_id, "done"), *part)  # its index is gone: not done
-                pipe.hdel(keys.job(self.job_id, "healed"), *part)  # the reconciler's count starts afresh
-        self._client.redis_call("reset job state", pipe.execute)
+        jobs.reset_for_resume(r, keys, self.job_id, todo)
         jobs.recount_totals(r, keys, self.job_id)
 
         if not todo:
@@ -310,21 +299,18 @@ class Job:
     def _restore_done(self, store: ManagedStore, layout: Layout, shards: list[int]) -> None:
         """Put committed shards back into the done-hash with their item counts."""
 
-        def counts(shard: int) -> tuple[int, str]:
+        def counts(shard: int) -> tuple[int, tuple[int, int]]:
             try:
                 stats = json.loads(store.get_bytes(layout.stats_key(shard), max_bytes=1 << 20))
-                return shard, f"{int(stats['items_ok'])},{int(stats['items_failed'])}"
+                return shard, (int(stats["items_ok"]), int(stats["items_failed"]))
             except (StorageError, ValueError, KeyError, TypeError):
                 index = read_shard_index(store, layout, shard)
                 ok = sum(1 for s in index.column("status").to_pylist() if s == "ok")
-                return shard, f"{ok},{index.num_rows - ok}"
+                return shard, (ok, index.num_rows - ok)
 
-        r, keys = self._client.redis, self._client.keys
         with ThreadPoolExecutor(RESTORE_THREADS) as pool:
-            values = dict(pool.map(counts, shards))
-        for i in range(0, len(shards), 10_000):
-            part = {str(s): values[s] for s in shards[i:i + 10_000]}
-            self._client.redis_call("restore done", r.hset, keys.job(self.job_id, "done"), mapping=part)
+            item_counts = dict(pool.map(counts, shards))
+        jobs.restore_done(self._client.redis, self._client.keys, self.job_id, item_counts)
 
     # ---- results
 

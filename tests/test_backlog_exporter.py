@@ -12,7 +12,8 @@ import redis
 from celery import Celery
 from kombu import Consumer, Exchange, Queue
 
-from genimg.queue import Backlog, Keys, backlog, priority_lists
+from genimg.queue import Backlog, backlog, priority_lists
+from genimg.jobs import Keys
 from producer import Client
 from tests.fixtures.prometheus import start_exporter
 from tests.fixtures.s3 import free_port

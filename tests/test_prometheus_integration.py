@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from genimg.inputs import prompt_chunk_key
-from genimg.queue import Keys
+from genimg.jobs import Keys
 from genimg.stores.s3 import S3Store
 from producer import Client
 from tests.fixtures.prometheus import (DASHBOARD, PrometheusServer, dashboard_queries,  # noqa: F401 - fixtures

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from genimg.queue import UNACKED_KEY, Keys
+from genimg.queue import UNACKED_KEY
+from genimg.jobs import Keys
 from tests.fixtures.redisserver import RedisServer
 from tests.fixtures.workers import Stack
 

@@ -19,7 +19,7 @@ from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_shutdown
 
 from genimg import metrics
-from genimg.queue import Keys
+from genimg.jobs import Keys
 from genimg.redaction import redact_all_handlers, register_url_secret
 from genimg.settings import StorageSettings, TritonSettings
 from genimg.spec import JobSpec
@@ -86,7 +86,7 @@ class WorkerContext:
         if job_id in self._specs:
             self._specs.move_to_end(job_id)
             return self._specs[job_id]
-        spec = load_spec(self.redis, self.keys, None, None, job_id)
+        spec = load_spec(self.redis, self.keys, job_id)
         self._specs[job_id] = spec
         while len(self._specs) > 64:
             self._specs.popitem(last=False)

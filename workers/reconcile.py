@@ -61,7 +61,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from genimg import jobs
 from genimg.errors import ConfigError, GenImgError, QueueUnavailableError
-from genimg.queue import UNACKED_KEY, Keys, celery_priority, describe_redis_error, priority_lists
+from genimg.jobs import Keys
+from genimg.queue import UNACKED_KEY, celery_priority, describe_redis_error, priority_lists
 from genimg.spec import JobSpec
 from workers.config import WorkerSettings, stranded_after_s
 from workers.messages import send_shards, shard_of_unacked, shard_of_waiting

@@ -62,7 +62,8 @@ import redis
 from genimg import jobs
 from genimg.imaging import decode
 from genimg.layout import SPEC_OBJECT
-from genimg.queue import Keys, backlog
+from genimg.queue import backlog
+from genimg.jobs import Keys
 from genimg.shards import STATUS_OK, committed_shards, read_shard_index, verify_manifest
 from genimg.layout import Layout
 from genimg.spec import JobSpec

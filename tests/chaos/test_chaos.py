@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from genimg import jobs
-from genimg.queue import Keys
+from genimg.jobs import Keys
 from genimg.layout import Layout
 from genimg.triton.server import TritonServer
 from tests.chaos.driver import (
