@@ -38,12 +38,11 @@ import typer
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import MetricsHandler
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field
 
 from genimg.errors import QueueUnavailableError
 from genimg.queue import backlog
-from genimg.settings import RedisUrl, settings_error
+from genimg.settings import RedisSettings, settings_error
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +50,12 @@ DEFAULT_PORT = 9180
 """TCP port ``genimg exporter`` listens on unless told otherwise."""
 
 
-class ExporterSettings(BaseSettings):
-    """Settings of ``genimg exporter`` (``GENIMG_*`` variables; the CLI options override them)."""
+class ExporterSettings(RedisSettings):
+    """Settings of ``genimg exporter`` (``GENIMG_*`` variables; the CLI options override them).
 
-    model_config = SettingsConfigDict(env_prefix="GENIMG_", frozen=True, extra="ignore")
+    ``redis_url`` is the Celery broker (the workers' ``GENIMG_REDIS_URL``), ``queue`` the workers' ``GENIMG_QUEUE``.
+    """
 
-    redis_url: RedisUrl = SecretStr("redis://127.0.0.1:6379/0")
-    """The Celery broker (the workers' ``GENIMG_REDIS_URL``); a password in it is never logged."""
-    queue: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    """The workers' ``GENIMG_QUEUE``."""
     broker_global_keyprefix: str = Field(default="", max_length=64)
     """kombu's ``global_keyprefix`` transport option, if the broker uses one (every kombu key starts with it)."""
     exporter_port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)

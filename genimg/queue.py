@@ -1,4 +1,20 @@
-"""The Celery queue on Redis: priorities, the backlog signal and the one translator of Redis errors.
+"""The Celery queue on Redis: its configuration, the shard messages, priorities, the backlog signal, and the one
+translator of Redis errors.
+
+Configuration: :func:`celery_config` is the one Celery configuration (JSON only,
+acks late, prefetch 1, kombu's priority steps); the workers run with it and the
+producer and reconciler send with it (:func:`producer_app`).
+
+Messages: sent by the producer and the reconciler, read back from Redis by the reconciler. A shard's message is the Celery task ``genimg.generate_shard`` with JSON
+positional arguments ``[job_id, shard_index]`` on the queue ``GENIMG_QUEUE``,
+with the job's priority (kombu's priority steps, below).
+
+kombu's Redis transport stores a waiting message in one of the queue's lists
+as a JSON document (``{"body": …, "headers": …, "properties": …}``, the body
+base64-encoded JSON ``[args, kwargs, embed]``) and a delivered, unacknowledged
+one in the ``unacked`` hash as ``[message, exchange, routing_key]``;
+:func:`shard_of_message` and :func:`shard_of_unacked` read the
+``(job_id, shard)`` out of either.
 
 Priorities: one Celery queue (``genimg`` by default) with kombu's Redis
 priority emulation (``priority_steps`` :data:`PRIORITY_STEPS`,
@@ -16,14 +32,17 @@ the backlog and the producer all use it). The keys of a job's state are
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
 from genimg.errors import QueueUnavailableError
+from genimg.settings import WorkerSettings
 
 PRIORITY_STEPS = [0, 3, 6, 9]
 """kombu Redis priority steps (Celery priority values; 0 is served first)."""
@@ -31,6 +50,161 @@ KOMBU_SEP = "\x06\x16"
 """kombu's separator between a queue name and its priority step."""
 UNACKED_KEY = "unacked"
 """kombu's hash of delivered-but-unacknowledged messages (acks late: reserved or running)."""
+
+
+# --------------------------------------------------------------------------- Celery configuration
+
+
+def verified_tls_url(url: str) -> str:
+    """``url``, with ``ssl_cert_reqs=required`` added to a ``rediss://`` URL that does not say.
+
+    kombu reads a bare ``rediss://`` URL as "TLS without checking the server's
+    certificate" (``CERT_NONE``), while redis-py checks it; genimg checks it
+    everywhere unless the URL explicitly says ``ssl_cert_reqs=none``.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "rediss" or "ssl_cert_reqs" in parse_qs(parts.query):
+        return url
+    return url + ("&" if parts.query else ("" if url.endswith("?") else "?")) + "ssl_cert_reqs=required"
+
+
+def celery_config(s: WorkerSettings) -> dict[str, Any]:
+    """The Celery configuration genimg runs with (JSON only, acks late, prefetch 1)."""
+    url = verified_tls_url(s.redis_url.get_secret_value())
+    transport = {
+        "visibility_timeout": s.visibility_timeout_s,
+        "unacked_restore_interval": s.unacked_restore_interval_s,
+        "unacked_restore_throttle": 1,
+        "priority_steps": PRIORITY_STEPS,
+        "queue_order_strategy": "priority",
+        "socket_timeout": 30,
+        "socket_connect_timeout": 10,
+        "retry_on_timeout": True,
+        "health_check_interval": 10,
+    }
+    return {
+        "broker_url": url,
+        # No result backend: progress lives in genimg's own Redis records (genimg.jobs) and
+        # nothing reads Celery results. With one, Celery writes a task's state to Redis while
+        # it handles a lost broker connection; when Redis is restarting that write raises
+        # and the worker exits (celery 5.6, seen in tests/chaos).
+        "result_backend": None,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"retry_policy": {"timeout": 5.0}},
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": s.task_hard_time_limit_s,
+        "task_soft_time_limit": s.task_soft_time_limit_s,
+        "task_default_queue": s.queue,
+        "task_default_priority": 4,
+        "task_queue_max_priority": 9,
+        "task_track_started": False,
+        "result_expires": 24 * 3600,
+        "worker_max_tasks_per_child": s.max_tasks_per_child or None,
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_send_task_events": False,
+    }
+
+
+# --------------------------------------------------------------------------- shard messages
+
+
+TASK_NAME = "genimg.generate_shard"
+"""Celery task name of one shard (positional JSON args ``[job_id, shard_index]``)."""
+ENQUEUE_BATCH = 1_000
+"""Task messages per Redis pipeline when enqueueing."""
+
+
+def producer_app(settings: WorkerSettings, name: str = "genimg-producer") -> Any:
+    """A Celery app that only sends shard messages (the workers' configuration, :func:`celery_config`).
+
+    Args:
+        settings: :class:`~genimg.settings.WorkerSettings` (broker URL, queue, timing).
+        name: the app's name.
+    """
+    from celery import Celery
+
+    config = celery_config(settings)
+    # kombu pipelines batched publishes only when redis-py will not retry a
+    # pipeline on its own; a sender needs no such retry (resume re-sends).
+    config["broker_transport_options"] = {**config["broker_transport_options"], "retry_on_timeout": False}
+    app = Celery(name, set_as_current=False)
+    app.conf.update(config)
+    return app
+
+
+def send_shards(app: Any, queue: str, job_id: str, celery_priority: int, shards: Iterable[int]) -> int:
+    """Send one task message per shard through one broker connection, in pipelined batches.
+
+    The queue's binding is declared with the first message.
+
+    Returns:
+        The number of messages sent.
+
+    Raises:
+        kombu.exceptions.OperationalError, KombuError, redis.RedisError, OSError: the broker failed
+            (the messages before it were sent).
+    """
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        batch = producer.batch(ENQUEUE_BATCH) if hasattr(producer, "batch") else nullcontext()
+        with batch:
+            for shard in shards:
+                app.send_task(TASK_NAME, args=[job_id, int(shard)], queue=queue, priority=celery_priority,
+                              producer=producer, ignore_result=True, declare=None if sent == 0 else [])
+                sent += 1
+    return sent
+
+
+def shard_of_message(message: Any) -> tuple[str, int] | None:
+    """``(job_id, shard)`` of one kombu message document (a dict), or ``None`` if it is not a shard task."""
+    try:
+        headers = message.get("headers") or {}
+        if headers.get("task") != TASK_NAME:
+            return None
+        body = message["body"]
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        job_id, shard = args[0], args[1]
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not isinstance(job_id, str) or type(shard) is not int:
+        return None
+    return job_id, shard
+
+
+def shard_of_waiting(raw: bytes | str) -> tuple[str, int] | None:
+    """``(job_id, shard)`` of one entry of a queue list, or ``None``."""
+    try:
+        return shard_of_message(json.loads(raw))
+    except (TypeError, ValueError):
+        return None
+
+
+def shard_of_unacked(raw: bytes | str, queue: str) -> tuple[str, int] | None:
+    """``(job_id, shard)`` of one value of kombu's ``unacked`` hash routed to ``queue``, or ``None``."""
+    try:
+        message, _, routing_key = json.loads(raw)
+    except (TypeError, ValueError):
+        return None
+    if routing_key != queue:
+        return None
+    return shard_of_message(message)
+
+
+# --------------------------------------------------------------------------- Redis errors, priorities, backlog
 
 
 def describe_redis_error(e: BaseException) -> str:

@@ -1,7 +1,10 @@
-"""Typed settings read from ``GENIMG_*`` environment variables.
+"""Typed settings read from ``GENIMG_*`` environment variables: one family, each shared field declared once.
 
+Every class derives from :class:`GenimgSettings` (prefix ``GENIMG_``, frozen);
+:class:`RedisSettings` declares the broker URL and queue that the workers
+(:class:`WorkerSettings`), the producer, the reconciler and the exporter share.
 Every quantity carries its unit in its name (``timeout_s``, ``max_bytes``).
-Settings are frozen; build them with ``X.from_env()`` or keyword arguments.
+Build them with ``X.from_env()``, ``X.checked()`` or keyword arguments.
 """
 
 from __future__ import annotations
@@ -189,7 +192,9 @@ def check_log_level(value: str | None) -> str:
     return level
 
 
-class _Base(BaseSettings):
+class GenimgSettings(BaseSettings):
+    """The root of genimg's settings: ``GENIMG_*`` variables, frozen, unknown variables ignored."""
+
     model_config = SettingsConfigDict(env_prefix="GENIMG_", frozen=True, extra="ignore")
 
     @classmethod
@@ -203,14 +208,95 @@ class _Base(BaseSettings):
         return load_settings(cls, **overrides)
 
 
-class ModelSettings(_Base):
+class RedisSettings(GenimgSettings):
+    """The broker: what every component that talks to the queue reads."""
+
+    redis_url: RedisUrl = SecretStr("redis://127.0.0.1:6379/0")
+    """Broker (and genimg's job state); ``rediss://`` for TLS; a password in the URL is never logged."""
+    queue: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    """The Celery queue the shards go to (the workers' ``GENIMG_QUEUE``)."""
+
+
+class WorkerSettings(RedisSettings):
+    """Settings of a Celery worker process (all from ``GENIMG_*`` variables); the producer and the reconciler
+    read the same ones (broker, queue, key prefix, timing) so that they agree with the workers.
+
+    Case C1: Redis redelivers an unacknowledged task after the visibility
+    timeout, so a shard that runs (or waits on a retry countdown) longer than it
+    would run twice; :func:`check_timing` refuses such settings.
+    """
+
+    key_prefix: str = Field(default="genimg", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    visibility_timeout_s: int = Field(default=300, gt=0)
+    task_hard_time_limit_s: int = Field(default=240, gt=0)
+    task_soft_time_limit_s: int = Field(default=210, gt=0)
+    retry_backoff_base_s: float = Field(default=2.0, gt=0)
+    retry_backoff_max_s: int = Field(default=60, gt=0)
+    """Largest retry countdown; must stay below the visibility timeout."""
+    retry_budget_s: float = Field(default=600.0, ge=0)
+    """How long a shard keeps retrying retryable faults, from its first one, before it is failed
+    (``retries_exhausted``). Time, not a count: it must outlast a Triton restart that reloads models."""
+    triton_check_interval_s: float = Field(default=2.0, gt=0, le=60)
+    """How often the worker's main process asks Triton whether the models it needs are ready; it takes
+    shards only while they are (:mod:`workers.gate`)."""
+    unacked_restore_interval_s: int = Field(default=5, gt=0)
+    """How often kombu sweeps for messages past their visibility timeout."""
+    concurrency: int = Field(default=1, gt=0)
+    max_tasks_per_child: int = Field(default=0, ge=0)
+    """Recycle a pool child after this many shards (0 = never)."""
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    """Port of the worker's /metrics endpoint (0 = no endpoint)."""
+    metrics_dir: str = ""
+    """prometheus_client multiprocess directory (PROMETHEUS_MULTIPROC_DIR); wiped at start."""
+    upload_threads: int = Field(default=4, gt=0, le=64)
+    infer_inflight: int = Field(default=2, gt=0, le=64)
+    """Triton requests (of ``sub_batch_size`` items each) one pool process keeps in flight."""
+    check_timing: bool = True
+    """Refuse to start on unsafe timing (C1). Only tests switch this off."""
+
+
+def check_timing(s: WorkerSettings) -> None:
+    """Raise ConfigError unless soft < hard < visibility timeout and max countdown < visibility timeout.
+
+    Raises:
+        ConfigError: naming the two settings that conflict.
+    """
+    if not s.task_soft_time_limit_s < s.task_hard_time_limit_s:
+        raise ConfigError(
+            f"GENIMG_TASK_SOFT_TIME_LIMIT_S ({s.task_soft_time_limit_s}) must be below "
+            f"GENIMG_TASK_HARD_TIME_LIMIT_S ({s.task_hard_time_limit_s})")
+    if not s.task_hard_time_limit_s < s.visibility_timeout_s:
+        raise ConfigError(
+            f"GENIMG_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must exceed "
+            f"GENIMG_TASK_HARD_TIME_LIMIT_S ({s.task_hard_time_limit_s}): Redis would redeliver a "
+            "shard that is still running (case C1)")
+    if not s.retry_backoff_max_s < s.visibility_timeout_s:
+        raise ConfigError(
+            f"GENIMG_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must exceed "
+            f"GENIMG_RETRY_BACKOFF_MAX_S ({s.retry_backoff_max_s}): a shard waiting on its retry "
+            "countdown would be redelivered (case C1)")
+
+
+def stranded_after_s(s: WorkerSettings) -> float:
+    """Seconds a shard must be missing from every queue structure before the reconciler re-enqueues it.
+
+    ``visibility_timeout_s + retry_backoff_max_s``: a run of a shard whose
+    message Redis no longer holds ends within the hard time limit (< the
+    visibility timeout, :func:`check_timing`) after a retry countdown of at
+    most ``retry_backoff_max_s``; so once a shard has been missing that long,
+    no worker can still be running it (docs/operations.md, "The reconciler").
+    """
+    return float(s.visibility_timeout_s + s.retry_backoff_max_s)
+
+
+class ModelSettings(GenimgSettings):
     """Where model artefacts live on the building machine."""
 
     cache_dir: Path = Field(default=Path(".cache/genimg"), description="ONNX exports and caches")
     weights_dir: Path = WEIGHTS_DIR
 
 
-class TritonSettings(_Base):
+class TritonSettings(GenimgSettings):
     """How the worker reaches Triton."""
 
     triton_url: HostPort = "127.0.0.1:8001"
@@ -223,7 +309,7 @@ class TritonSettings(_Base):
     none (a repository built with ``--no-expander`` or ``--profiles-only``)."""
 
 
-class StorageSettings(_Base):
+class StorageSettings(GenimgSettings):
     """S3-compatible storage (AWS S3, MinIO, Ceph, moto, ...).
 
     Credentials, first match wins: ``GENIMG_S3_ACCESS_KEY_ID`` and
@@ -254,7 +340,7 @@ class StorageSettings(_Base):
     s3_ca_bundle: Path | None = Field(default=None, description="PEM bundle for a private CA")
 
 
-class SpecSettings(_Base):
+class SpecSettings(GenimgSettings):
     """What job-spec validation reads from the environment (``genimg.spec``).
 
     The numeric limits of a job are constants in ``genimg.spec`` (producer and

@@ -61,16 +61,14 @@ from genimg.jobs import Keys
 from genimg.layout import SPEC_OBJECT, Layout, check_job_id
 from genimg.limits import MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem
 from genimg.profiles import load_profiles
-from genimg.queue import celery_priority, describe_redis_error
+from genimg.queue import ENQUEUE_BATCH, TASK_NAME, celery_priority, describe_redis_error, producer_app, send_shards  # noqa: F401 - re-exported
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
-from genimg.settings import SpecSettings, StorageSettings, check_spec_settings, load_settings
+from genimg.settings import SpecSettings, StorageSettings, WorkerSettings, check_spec_settings, load_settings
 from genimg.spec import JobSpec
 from genimg.stores import ManagedStore, open_job_store
 from genimg.stores.s3_client import check_storage
 from genimg.urls import validate_output_url
 from producer.job import Job, JobNotFoundError
-from workers.config import WorkerSettings
-from workers.messages import ENQUEUE_BATCH, TASK_NAME, producer_app, send_shards  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 

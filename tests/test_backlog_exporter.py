@@ -22,7 +22,8 @@ from tests.fixtures.workers import REDIS_URL, wait_for
 
 def _celery_app(queue: str, redis_url: str = REDIS_URL, global_keyprefix: str = "") -> Celery:
     """A Celery app configured exactly as genimg's workers and producer are (plus an optional key prefix)."""
-    from workers.config import WorkerSettings, celery_config
+    from genimg.settings import WorkerSettings
+    from genimg.queue import celery_config
 
     conf = celery_config(WorkerSettings(queue=queue, redis_url=redis_url))
     if global_keyprefix:

@@ -252,7 +252,7 @@ def test_termination_grace_period_outlasts_the_shard_hard_limit_and_tritons_exit
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_timing_passes_the_workers_own_startup_check(overlay, monkeypatch):
-    from workers.config import WorkerSettings, check_timing
+    from genimg.settings import WorkerSettings, check_timing
 
     env = worker_env(rendered(overlay))
     visibility, hard = int(env["GENIMG_VISIBILITY_TIMEOUT_S"]), int(env["GENIMG_TASK_HARD_TIME_LIMIT_S"])
@@ -683,7 +683,7 @@ def test_docker_compose_config_accepts_the_compose_file():
 
 
 def test_compose_workers_get_their_hard_limit_to_finish_and_safe_timing(monkeypatch):
-    from workers.config import WorkerSettings, check_timing
+    from genimg.settings import WorkerSettings, check_timing
 
     services = compose_file()["services"]
     worker = services["worker"]

@@ -20,8 +20,8 @@ from genimg.layout import SUCCESS_OBJECT
 from genimg.queue import UNACKED_KEY, priority_lists
 from tests.fixtures.producer import ProducerEnv, commit_synthetic_shard
 from tests.fixtures.workers import wait_for
-from workers.config import WorkerSettings, stranded_after_s
-from workers.messages import shard_of_waiting
+from genimg.settings import WorkerSettings, stranded_after_s
+from genimg.queue import shard_of_waiting
 from workers.reconcile import Reconciler, ReconcileSettings
 
 pytestmark = pytest.mark.timeout(60)

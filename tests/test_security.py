@@ -287,7 +287,8 @@ def test_no_credential_appears_in_task_messages_redis_records_results_objects_me
 
 def test_workers_and_producer_accept_and_send_only_json():
     """The configuration behind tests/test_task_messages.py (which proves a pickled message is refused)."""
-    from workers.config import WorkerSettings, celery_config
+    from genimg.settings import WorkerSettings
+    from genimg.queue import celery_config
 
     config = celery_config(WorkerSettings())
     assert config["accept_content"] == ["json"] and config["result_accept_content"] == ["json"]

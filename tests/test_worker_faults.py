@@ -225,7 +225,8 @@ class _BacklogSampler(threading.Thread):
 def test_four_shards_on_two_single_process_workers_run_two_each_without_hoarding(pstack, s3_bucket):
     from celery import Celery
 
-    from workers.config import WorkerSettings, celery_config
+    from genimg.settings import WorkerSettings
+    from genimg.queue import celery_config
 
     queue = pstack.env["GENIMG_QUEUE"]
     a = pstack.start_worker(GENIMG_CONCURRENCY=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from workers.config import WorkerSettings
+from genimg.settings import WorkerSettings
 
 
 def test_infer_inflight_defaults_to_two_and_is_read_from_genimg_infer_inflight(monkeypatch):

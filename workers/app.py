@@ -20,10 +20,10 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 
 from genimg import metrics
 from genimg.jobs import Keys
+from genimg.queue import celery_config
 from genimg.redaction import redact_all_handlers, register_url_secret
-from genimg.settings import StorageSettings, TritonSettings
+from genimg.settings import StorageSettings, TritonSettings, WorkerSettings
 from genimg.spec import JobSpec
-from workers.config import WorkerSettings, celery_config
 
 log = logging.getLogger(__name__)
 

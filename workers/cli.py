@@ -27,7 +27,7 @@ def validate_settings() -> object:
     variables genimg no longer reads.
 
     Returns:
-        The :class:`~workers.config.WorkerSettings`.
+        The :class:`~genimg.settings.WorkerSettings`.
 
     Raises:
         ConfigError: one line naming the first invalid variable and the allowed values.
@@ -37,12 +37,13 @@ def validate_settings() -> object:
         SpecSettings,
         StorageSettings,
         TritonSettings,
+        WorkerSettings,
         check_retired_variables,
         check_spec_settings,
+        check_timing,
         load_settings,
     )
     from genimg.stores.s3_client import check_storage
-    from workers.config import WorkerSettings, check_timing
 
     check_retired_variables()
     s = load_settings(WorkerSettings)

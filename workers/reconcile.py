@@ -17,7 +17,7 @@ limit) is acknowledged as failed without a record. Such a shard stays stranded
 for ever. Each pass, the reconciler reads the lists and the hash, then the
 done and failed hashes, and times every stranded shard; one stranded in every
 pass for longer than ``GENIMG_VISIBILITY_TIMEOUT_S + GENIMG_RETRY_BACKOFF_MAX_S``
-(:func:`workers.config.stranded_after_s`) is re-enqueued, its stale running
+(:func:`genimg.settings.stranded_after_s`) is re-enqueued, its stale running
 record cleared, the action logged with job and shard and counted. Why that
 bound cannot catch a shard that is still running: docs/operations.md,
 "The reconciler". A shard re-enqueued more than ``GENIMG_RECONCILE_MAX_HEALS``
@@ -57,15 +57,21 @@ import redis
 import typer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from genimg import jobs
 from genimg.errors import ConfigError, GenImgError, QueueUnavailableError
 from genimg.jobs import Keys
-from genimg.queue import UNACKED_KEY, celery_priority, describe_redis_error, priority_lists
+from genimg.queue import (
+    UNACKED_KEY,
+    celery_priority,
+    describe_redis_error,
+    priority_lists,
+    send_shards,
+    shard_of_unacked,
+    shard_of_waiting,
+)
+from genimg.settings import GenimgSettings, WorkerSettings, stranded_after_s
 from genimg.spec import JobSpec
-from workers.config import WorkerSettings, stranded_after_s
-from workers.messages import send_shards, shard_of_unacked, shard_of_waiting
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +82,8 @@ LRANGE_PAGE = 1_000
 STRANDED_BUCKETS_S = (5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1800, 3600)
 
 
-class ReconcileSettings(BaseSettings):
+class ReconcileSettings(GenimgSettings):
     """``genimg reconcile``'s own settings (``GENIMG_RECONCILE_*``); the rest comes from :class:`WorkerSettings`."""
-
-    model_config = SettingsConfigDict(env_prefix="GENIMG_", frozen=True, extra="ignore")
 
     reconcile_interval_s: float = Field(default=30.0, gt=0, le=3600)
     """Seconds between two passes."""
@@ -355,7 +359,7 @@ class Reconciler:
     @property
     def app(self) -> Any:
         if self._app is None:
-            from workers.messages import producer_app
+            from genimg.queue import producer_app
 
             self._app = producer_app(self.worker, name="genimg-reconciler")
         return self._app
@@ -379,9 +383,8 @@ def validate_settings() -> tuple[WorkerSettings, ReconcileSettings, Any]:
     Raises:
         ConfigError: one line naming the first invalid variable and the allowed values.
     """
-    from genimg.settings import StorageSettings, check_retired_variables, load_settings
+    from genimg.settings import StorageSettings, check_retired_variables, check_timing, load_settings
     from genimg.stores.s3_client import check_storage
-    from workers.config import check_timing
 
     check_retired_variables()
     worker = load_settings(WorkerSettings)
