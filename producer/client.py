@@ -61,7 +61,7 @@ from genimg.jobs import Keys
 from genimg.layout import SPEC_OBJECT, Layout, check_job_id
 from genimg.limits import MAX_SHARDS, MAX_TOTAL_ITEMS, prompt_problem
 from genimg.profiles import load_profiles
-from genimg.queue import ENQUEUE_BATCH, TASK_NAME, celery_priority, describe_redis_error, producer_app, send_shards  # noqa: F401 - re-exported
+from genimg.queue import celery_priority, describe_redis_error, producer_app, send_shards
 from genimg.redaction import install_secret_redaction, redact_url, register_url_secret
 from genimg.settings import SpecSettings, StorageSettings, WorkerSettings, check_spec_settings, load_settings
 from genimg.spec import JobSpec
@@ -431,7 +431,7 @@ class Client:
         """Send one task message per shard (queue ``GENIMG_QUEUE``, the job's priority).
 
         Messages go out through one broker connection in pipelined batches of
-        :data:`ENQUEUE_BATCH`; the queue's binding is declared with the first.
+        :data:`genimg.queue.ENQUEUE_BATCH`; the queue's binding is declared with the first.
 
         Returns:
             The number of messages sent.

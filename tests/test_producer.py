@@ -24,7 +24,8 @@ from genimg.inputs import decode_prompt_chunk, prompt_chunk_key
 from genimg.layout import SPEC_OBJECT, SUCCESS_OBJECT
 from genimg.queue import celery_priority
 from genimg.spec import JobSpec
-from producer.client import TASK_NAME, Client
+from genimg.queue import TASK_NAME
+from producer.client import Client
 from producer.job import JobNotFoundError, WaitTimeoutError
 from tests.fixtures.producer import ProducerEnv, commit_synthetic_shard as commit
 from tests.producer_cases import BAD_INPUTS, BadInput
