@@ -67,8 +67,8 @@ class Pipeline:
                  per_image_prompt: bool = False) -> None:
         import onnxruntime as ort
 
-        from genimg.triton import contract
-        from genimg.triton.profile_repo import resolve_onnx
+        from genimg import contract
+        from genimg.models.fetch import resolve_onnx
 
         self.profile, self.per_image_prompt = profile, per_image_prompt
         serve = profile.serve

@@ -13,7 +13,7 @@ with ``per="item"``), with that unit's seed (the seed of its first item,
 2. **Language model** (``model``, default ``prompt_expander``): the Triton
    model writes an image description of the templated text with the job's
    ``instruction``, ``max_new_tokens`` and ``temperature`` and the unit's seed
-   (:data:`genimg.triton.contract.EXPANDER`). ``model=None`` stops after step 1.
+   (:data:`genimg.contract.EXPANDER`). ``model=None`` stops after step 1.
 
 The text the image model sees is the item's ``revised_prompt``; the index
 and manifest keep ``source_prompt`` beside it, and the expander's name and
@@ -54,7 +54,7 @@ from genimg.templates import (  # noqa: F401  (re-exported: the job option's tem
 )
 
 DEFAULT_EXPANDER = "prompt_expander"
-"""The Triton model that writes descriptions (:data:`genimg.triton.contract.EXPANDER`)."""
+"""The Triton model that writes descriptions (:data:`genimg.contract.EXPANDER`)."""
 DEFAULT_INSTRUCTION = "Describe a picture of {text} in one short sentence."
 """The user message sent to the language model; ``{text}`` is the templated source text."""
 DEFAULT_MAX_NEW_TOKENS = 48

@@ -127,7 +127,7 @@ class Infer:
         return hashlib.sha256(f"{stage_version}+{meta.version}".encode()).hexdigest()[:16]
 
     def check_expander(self, model: str) -> str:
-        """Check the served prompt expander's tensors against :data:`genimg.triton.contract.EXPANDER`.
+        """Check the served prompt expander's tensors against :data:`genimg.contract.EXPANDER`.
 
         Returns:
             its version hash (the repository's ``genimg_sha256``, first 16 hex digits).
@@ -136,8 +136,8 @@ class Infer:
             ProfileMismatchError: a tensor differs (the shard fails permanently, naming it).
             InferenceUnavailableError: Triton or the model is not available.
         """
+        from genimg.contract import EXPANDER
         from genimg.profiles.tensors import ProfileMismatchError
-        from genimg.triton.contract import EXPANDER
 
         meta = self.client.model_metadata(model)
         if ("expander", model) not in self._checked:

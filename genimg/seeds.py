@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from genimg.contract import Z_DIM
 from genimg.errors import ValidationError
 from genimg.limits import MAX_SEED, MAX_Z_DIM, check_int
-from genimg.triton.contract import Z_DIM
 
 _M32 = 0xFFFF_FFFF
 

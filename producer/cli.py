@@ -25,8 +25,19 @@ app = typer.Typer(
 )
 
 
+def _models_app() -> typer.Typer:
+    """``genimg models``: the model tooling's commands, plus ``build-repo`` from the serving code they feed."""
+    from genimg.models.cli import app as models
+    from genimg.triton.cli_build import build_repo
+
+    models.command("build-repo")(build_repo)
+    return models
+
+
+models_app = _models_app()
+
+
 def _mount() -> None:
-    from genimg.models.cli import app as models_app
     from producer.commands import register
     from workers.cli import worker
 

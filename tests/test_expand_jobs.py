@@ -13,7 +13,7 @@ import pytest
 
 from genimg.shards import read_shard_index
 from genimg.layout import Layout
-from genimg.triton.contract import EXPANDER
+from genimg.contract import EXPANDER
 
 pytestmark = pytest.mark.slow
 

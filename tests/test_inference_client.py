@@ -13,7 +13,7 @@ from genimg.errors import (
     PayloadTooLargeError,
     ValidationError,
 )
-from genimg.triton import contract
+from genimg import contract
 from genimg.triton.client import InferenceClient, translate
 from genimg.triton.server import free_port
 

@@ -215,7 +215,7 @@ def test_a_new_model_runs_end_to_end_from_a_profile_file_and_a_repository_entry_
         stack, s3_bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from typer.testing import CliRunner
 
-    from genimg.models.cli import app as models_app
+    from producer.cli import models_app
     from genimg.triton.server import TritonServer
     from producer import Client
 

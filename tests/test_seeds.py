@@ -10,7 +10,7 @@ import pytest
 from genimg.errors import ValidationError
 from genimg.seeds import batch_noise, item_noise, item_seed, item_seeds, noise_from_seed
 from genimg.limits import MAX_SEED
-from genimg.triton.contract import Z_DIM
+from genimg.contract import Z_DIM
 from genimg.shardplan import plan_shards
 
 JOB_SEED = 1234

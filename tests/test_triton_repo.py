@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from genimg.errors import ConfigError, ModelError, ValidationError
-from genimg.triton import contract
+from genimg import contract
 from genimg.triton.repo import (
     MANIFEST,
     build_repository,

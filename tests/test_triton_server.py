@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from genimg.errors import ModelError
-from genimg.triton import contract
+from genimg import contract
 from genimg.triton.client import InferenceClient
 from genimg.triton.server import TritonServer, python_libdir, server_env, stub_path
 

@@ -205,8 +205,3 @@ def fetch(
     except ModelError as e:
         typer.echo(f"fetch: {e}", err=True)
         raise typer.Exit(1) from e
-
-
-from genimg.triton.cli_build import build_repo  # noqa: E402 - the repository builder lives with the Triton code
-
-app.command("build-repo")(build_repo)

@@ -116,8 +116,8 @@ def engine_sources(onnx_dir: Path | None, profiles=None) -> dict[str, Path]:
     Raises:
         ModelError / ModelFetchError: a profile's ONNX file is missing or cannot be fetched.
     """
+    from genimg.models.fetch import resolve_onnx
     from genimg.profiles import load_profiles
-    from genimg.triton.profile_repo import resolve_onnx
 
     out: dict[str, Path] = {}
     if onnx_dir is not None:

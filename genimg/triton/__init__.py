@@ -1,6 +1,5 @@
-"""Serving genimg's models with Triton Inference Server.
+"""Serving genimg's models with Triton Inference Server (their tensor contract is :mod:`genimg.contract`).
 
-* :mod:`genimg.triton.contract` — tensor names, dtypes, shapes and value ranges (no heavy imports).
 * :mod:`genimg.triton.repo` — builds the model repository (cpu and tensorrt flavours).
 * :mod:`genimg.triton.server` — runs the ``tritonserver`` of the ``nvidia-pytriton`` wheel locally.
 * :mod:`genimg.triton.client` — the contract-aware client the workers use.

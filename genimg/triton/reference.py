@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from genimg.triton import contract
+from genimg import contract
 
 
 class OnnxReference:
-    """ONNX Runtime sessions for every model of :data:`genimg.triton.contract.MODELS`.
+    """ONNX Runtime sessions for every model of :data:`genimg.contract.MODELS`.
 
     Args:
         onnx_dir: directory with the exported ONNX files.

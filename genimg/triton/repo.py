@@ -16,7 +16,7 @@ Layout written by :func:`build_repository` (a standard Triton model repository):
                                       (genimg/triton/profile_repo.py): the digit ensembles,
                                       fetched ONNX models such as terrain
 
-Tensor names, dtypes and shapes come from :mod:`genimg.triton.contract`, and
+Tensor names, dtypes and shapes come from :mod:`genimg.contract`, and
 ``config.pbtxt`` files are built as ``model_config_pb2.ModelConfig`` messages
 (the proto tritonclient ships) and written with ``text_format``. Ensembles
 carry no ``instance_group``, ``dynamic_batching`` or ``model_warmup``: Triton
@@ -41,10 +41,10 @@ import struct
 import tempfile
 from pathlib import Path
 
+from genimg import contract
+from genimg.contract import ModelSpec, TensorSpec
 from genimg.errors import ConfigError, ModelError, ValidationError
 from genimg.profiles.registry import Profiles, load_profiles
-from genimg.triton import contract
-from genimg.triton.contract import ModelSpec, TensorSpec
 from genimg.triton.profile_repo import VERSION_PARAMETER, build_profile_models
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def build_repository(out_dir: str | os.PathLike[str], flavor: str = "cpu",
         out_dir: repository directory; created, or replaced if it holds an earlier build
             (a ``genimg_repository.json``) or ``overwrite`` is set.
         flavor: ``cpu`` or ``tensorrt`` (see the module docstring).
-        onnx_dir: directory with the ONNX files named in :mod:`genimg.triton.contract`;
+        onnx_dir: directory with the ONNX files named in :mod:`genimg.contract`;
             ``None`` exports them from :data:`genimg.settings.WEIGHTS_DIR` into the cache
             (:func:`ensure_onnx`). The tensorrt flavour only needs ``text_encoder.onnx``.
         instances: instances per model (per GPU for tensorrt), >= 1.

@@ -1,8 +1,10 @@
 """The tensor contract of genimg's Triton models: names, dtypes, shapes, value ranges.
 
-This module is the one source of truth that the repository builder
-(:mod:`genimg.triton.repo`), the client helper (:mod:`genimg.triton.client`),
-the tests and ``docs/model-contract.md`` follow. It imports nothing heavy, so
+This module is the one source of truth that the model tooling (:mod:`genimg.models`,
+which trains and exports them), the repository builder (:mod:`genimg.triton.repo`),
+the client helper (:mod:`genimg.triton.client`), the tests and
+``docs/model-contract.md`` follow; it sits below both, so model tooling never
+imports the serving code. It imports nothing heavy, so
 a worker can use the names without protobuf, onnxruntime or torch.
 
 Shapes here exclude the batch dimension: every model and ensemble batches
