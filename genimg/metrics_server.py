@@ -21,7 +21,7 @@ from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.exposition import MetricsHandler
-from prometheus_client.mmap_dict import MmapedDict
+from prometheus_client.mmap_dict import MmapedDict  # internal module: pyproject bounds prometheus_client (<0.27)
 
 from genimg.metrics import mark_process_dead, multiprocess_registry
 

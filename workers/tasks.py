@@ -2,7 +2,8 @@
 
 Errors are decided on genimg's own types: a :class:`~genimg.errors.RetryableError`
 (Triton or S3 unavailable, a timeout, Redis down) retries the shard with
-exponential backoff and full jitter, each countdown at most
+exponential backoff and equal jitter (each countdown drawn from the upper half of
+its exponential step), each countdown at most
 ``retry_backoff_max_s`` (below the visibility timeout, case C1), for as long
 as ``retry_budget_s`` seconds from the shard's first retryable fault (carried
 in the retried message as ``retry_since``, Unix seconds); after that the shard
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 def backoff_s(retries: int) -> float:
-    """Countdown before retry ``retries`` + 1: full jitter over ``base * 2**retries``, capped."""
+    """Countdown before retry ``retries`` + 1: equal jitter, uniform in ``[cap / 2, cap]`` where
+    ``cap = min(retry_backoff_max_s, base * 2**retries)``."""
     cap = min(float(SETTINGS.retry_backoff_max_s), SETTINGS.retry_backoff_base_s * 2 ** retries)
     return random.uniform(0.5 * cap, cap)
 
