@@ -164,7 +164,8 @@ def _payload(template, layout, shard: int):  # type: ignore[no-untyped-def]
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from genimg.shards import ShardPayload, index_to_parquet
+    from genimg.shards import ShardPayload
+    from genimg.index import index_to_parquet
 
     t = template.index
     n = t.num_rows

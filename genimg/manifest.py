@@ -10,7 +10,7 @@ Layout under ``{job_prefix}/manifest/`` (see :class:`genimg.shards.Layout`)::
 (stored in ``job.json``; by default :func:`part_shards_for` of the shard
 size: about :data:`PART_ROWS` rows a part, at most :data:`MAX_PART_SHARDS`
 shards). A part is a sorted, de-duplicated concatenation of its shards'
-indexes (:func:`genimg.shards.dedupe_index`: one row per item index, an
+indexes (:func:`genimg.index.dedupe_index`: one row per item index, an
 ``ok`` row wins) with the job's schema (:func:`job_schema`), written with the
 index's fixed codec, so the same shards give byte-identical parts. Item
 indices of different shards never overlap (a shard holds exactly its
@@ -47,18 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
+from genimg.index import INDEX_SCHEMA, STATUS_OK, dedupe_index, index_from_parquet, index_schema, index_to_parquet
 from genimg.layout import Layout
 from genimg.limits import MANIFEST_PART_ROWS, MAX_MANIFEST_PART_SHARDS, MAX_MANIFEST_PARTS
 from genimg.shardplan import manifest_part_shards_for
-from genimg.shards import (
-    INDEX_SCHEMA,
-    STATUS_OK,
-    committed_shards,
-    dedupe_index,
-    index_from_parquet,
-    index_schema,
-    index_to_parquet,
-)
+from genimg.shards import committed_shards
 from genimg.stores.base import ObjectStore, sha256_hex
 
 if TYPE_CHECKING:

@@ -27,6 +27,7 @@ import numpy as np
 
 from genimg import imaging, metrics
 from genimg.errors import NonFiniteOutputError
+from genimg.index import index_schema
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key, prompt_chunks_for_items
 from genimg.layout import Layout
 from genimg.profiles.params import batch_key
@@ -42,7 +43,7 @@ from genimg.profiles.tensors import (
 )
 from genimg.seeds import item_seeds
 from genimg.shardplan import item_to_prompt_index
-from genimg.shards import ShardItem, commit_shard, index_schema
+from genimg.shards import ShardItem, commit_shard
 from genimg.spec import JobSpec
 from genimg.stores.base import ObjectStore
 
@@ -85,7 +86,7 @@ def result_from_index(spec: JobSpec, shard_index: int, index) -> ShardResult:
     Args:
         spec: the job.
         shard_index: the shard.
-        index: the shard's index (:data:`genimg.shards.INDEX_SCHEMA` table).
+        index: the shard's index (:data:`genimg.index.INDEX_SCHEMA` table).
     """
     rows = index.select(["status", "reason", "tar_size", "model"]).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]

@@ -422,7 +422,7 @@ class JobSpec(BaseModel):
         """The job's per-item columns after the index's own: the profile's metadata, then the expansion's.
 
         Column name → declared type (``int``, ``float``, ``bool``, ``str``), in order
-        (:func:`genimg.shards.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
+        (:func:`genimg.index.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
         """
         from genimg.expand import EXPANSION_COLUMNS
 

@@ -18,7 +18,7 @@ started here), the demo submits three jobs through the Python client:
 waits on them with progress bars, and writes for each job, under
 ``demo-out/txt2img/``, ``demo-out/noise2img/`` and ``demo-out/faces_x4/``:
 
-* ``manifest.parquet``: one row per item (:data:`genimg.shards.INDEX_SCHEMA`);
+* ``manifest.parquet``: one row per item (:data:`genimg.index.INDEX_SCHEMA`);
 * ``contact_sheet.png``: upscaled images with their prompts and verifier labels;
 * ``shards/``: the WebDataset tars (moto keeps objects in memory only);
 * ``summary.json``: images ok and failed, images/s, seconds per stage (p50,

@@ -323,7 +323,7 @@ class Job:
         """The job's manifest as one in-memory table, for jobs of at most ``max_rows`` items.
 
         One row per item (ok or failed), sorted by item index:
-        :data:`genimg.shards.INDEX_SCHEMA`'s columns, then the profile's
+        :data:`genimg.index.INDEX_SCHEMA`'s columns, then the profile's
         metadata columns. Parts already written are read; those of a running
         job are built from its committed shards (nothing is written). Bigger
         jobs: :meth:`iter_manifest`, or read :attr:`manifest_url` as a dataset.

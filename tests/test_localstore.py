@@ -11,7 +11,8 @@ from genimg.errors import PayloadTooLargeError, StorageError, StorageNotFoundErr
 from genimg.imaging import encode
 from genimg.stores.files import LOCAL_BUCKET, FileStore
 from genimg.settings import StorageSettings
-from genimg.shards import ShardItem, build_manifest, commit_shard, committed_shards, verify_manifest
+from genimg.shards import ShardItem, commit_shard, committed_shards
+from genimg.manifest import build_manifest, verify_manifest
 from genimg.stores.s3 import S3Store
 from genimg.stores.base import sha256_hex
 from genimg.stores import open_job_store, open_store

@@ -14,7 +14,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from genimg.errors import StorageUnavailableError, ValidationError
 from genimg.imaging import decode, encode
-from genimg.shards import INDEX_SCHEMA, ShardItem, build_manifest, build_shard, commit_shard, index_schema, committed_shards, index_from_parquet, is_committed, read_shard_index, verify_manifest, write_tar
+from genimg.shards import ShardItem, build_shard, commit_shard, committed_shards, is_committed, read_shard_index, write_tar
+from genimg.index import INDEX_SCHEMA, index_schema, index_from_parquet
+from genimg.manifest import build_manifest, verify_manifest
 from genimg.layout import Layout
 
 pytestmark = pytest.mark.timeout(60)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from genimg.imaging import decode
-from genimg.shards import verify_manifest
+from genimg.manifest import verify_manifest
 from genimg.layout import Layout
 from genimg.stores.base import sha256_hex
 from producer import Client

@@ -64,7 +64,9 @@ from genimg.imaging import decode
 from genimg.layout import SPEC_OBJECT
 from genimg.queue import backlog
 from genimg.jobs import Keys
-from genimg.shards import STATUS_OK, committed_shards, read_shard_index, verify_manifest
+from genimg.shards import committed_shards, read_shard_index
+from genimg.index import STATUS_OK
+from genimg.manifest import verify_manifest
 from genimg.layout import Layout
 from genimg.spec import JobSpec
 from genimg.stores.s3 import S3Store

@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 
 from genimg.imaging import decode
-from genimg.shards import committed_shards, read_shard_index, verify_manifest
+from genimg.shards import committed_shards, read_shard_index
+from genimg.manifest import verify_manifest
 from genimg.stores.base import sha256_hex
 from producer import Client
 from tests.containers import kube
