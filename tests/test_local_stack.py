@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from genimg.local import group_members
+from genimg.local_procs import group_members
 from tests.fixtures.workers import REDIS_URL
 
 pytestmark = pytest.mark.slow
