@@ -30,7 +30,7 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 import redis
@@ -152,7 +152,7 @@ def exporter(
     """
     from genimg.redaction import redact_url, register_url_secret
 
-    overrides = {k: v for k, v in {"exporter_port": port, "exporter_addr": addr, "redis_url": redis_url,
+    overrides: dict[str, Any] = {k: v for k, v in {"exporter_port": port, "exporter_addr": addr, "redis_url": redis_url,
                                    "broker_global_keyprefix": global_keyprefix}.items() if v is not None}
     try:
         s = ExporterSettings(**overrides)

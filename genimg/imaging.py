@@ -123,7 +123,7 @@ def to_uint8(
     work = np.float64 if a.dtype == np.float64 else np.float32
     scale = 255.0 / (float(high) - float(low))
     with np.errstate(all="ignore"):  # finite input: nothing to warn about; belt and braces
-        scaled = (a.astype(work, copy=False) - work(low)) * work(scale)
+        scaled = (a.astype(work, copy=False) - np.asarray(low, dtype=work)) * np.asarray(scale, dtype=work)
         np.clip(scaled, 0.0, 255.0, out=scaled)
         np.rint(scaled, out=scaled)
     return np.ascontiguousarray(scaled.astype(np.uint8))
@@ -220,7 +220,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         PayloadTooLargeError: the image has more than ``max_pixels`` pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as opened:
+            im: Image.Image = opened
             w, h = im.size
             if w * h > max_pixels:
                 raise PayloadTooLargeError(f"image is {w}x{h} pixels, above max_pixels={max_pixels}")

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from genimg.errors import StorageNotFoundError
 from genimg.layout import SUCCESS_OBJECT, Layout
@@ -158,7 +159,9 @@ def store_spec(r: redis.Redis, keys: Keys, spec: JobSpec) -> None:
 def read_spec_json(r: redis.Redis, keys: Keys, job_id: str) -> bytes | None:
     """The job's stored spec JSON, or ``None`` when Redis does not know the job."""
     raw = r.get(keys.job(job_id, "spec"))
-    return None if raw is None else bytes(raw)
+    if raw is None:
+        return None
+    return raw.encode() if isinstance(raw, str) else bytes(raw)
 
 
 def load_spec(r: redis.Redis, keys: Keys, job_id: str) -> JobSpec:
@@ -235,7 +238,7 @@ def restore_done(r: redis.Redis, keys: Keys, job_id: str, item_counts: Mapping[i
     :func:`recount_totals`)."""
     shards = sorted(item_counts)
     for i in range(0, len(shards), 10_000):
-        part = {str(s): _done_value(*item_counts[s]) for s in shards[i:i + 10_000]}
+        part: dict[FieldT, EncodableT] = {str(s): _done_value(*item_counts[s]) for s in shards[i:i + 10_000]}
         r.hset(keys.job(job_id, "done"), mapping=part)
 
 
@@ -409,8 +412,8 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
             failures[k.decode()] = v.decode()
             if len(failures) >= FAILED_SHARDS_LISTED:
                 break
-    started = spec.created_at.timestamp()
-    summary = {
+    seconds = round(time.time() - spec.created_at.timestamp(), 3)
+    summary: dict[str, Any] = {
         "job_id": spec.job_id, "state": c.state, "num_shards": c.num_shards,
         "shards_done": c.shards_done, "shards_failed": c.shards_failed,
         "items_ok": totals.items_ok, "items_failed": totals.items_failed,
@@ -418,9 +421,9 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
         "failed_shards": dict(sorted(failures.items(), key=lambda kv: int(kv[0]))),
         "manifest": {"prefix": layout.manifest_prefix.removeprefix(f"{layout.job_prefix}/"),
                      "parts": totals.parts, "rows": totals.rows, "bytes": totals.bytes},
-        "seconds": round(time.time() - started, 3),
+        "seconds": seconds,
     }
-    summary["images_per_s"] = round(summary["items_ok"] / max(summary["seconds"], 1e-9), 3)
+    summary["images_per_s"] = round(totals.items_ok / max(seconds, 1e-9), 3)
     store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
                     "application/json")
     with redis_errors(f"finalising job {spec.job_id}"):

@@ -34,6 +34,7 @@ it has to write, never by the whole job held at once.
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import re
@@ -168,13 +169,13 @@ class PartSummary:
         """Every shard of the range was committed: the part never changes again."""
         return not self.shards_missing
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:  # the field `bytes` shadows the type in the class body
         doc = asdict(self)
         doc["shards"], doc["shards_missing"] = list(self.shards), list(self.shards_missing)
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, *, source: str = "part summary") -> PartSummary:
+    def from_json(cls, data: builtins.bytes, *, source: str = "part summary") -> PartSummary:
         """Raises: StorageError: not a part summary."""
         try:
             doc = json.loads(data)

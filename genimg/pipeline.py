@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -377,9 +378,10 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         items = []
         per_item_infer = b.infer_s / max(len(b.indices), 1)
         for j, idx in enumerate(b.indices):
-            common = dict(item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
-                          profile=profile.name, params=b.values[j], prompt=b.prompts[j],
-                          negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
+            common: dict[str, Any] = dict(
+                item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
+                profile=profile.name, params=b.values[j], prompt=b.prompts[j],
+                negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
             if b.expansions is not None:  # prompt: the job's; revised_prompt: what the image model saw
                 e = b.expansions[j]
                 common["prompt"] = sources[int(idx)]

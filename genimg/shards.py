@@ -292,9 +292,9 @@ class ShardWriter:
         for item in items:
             if item.image is None:
                 continue
-            meta = json.dumps(item.metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            doc = json.dumps(item.metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
             members.append((f"{item.key}.{EXTENSIONS[str(item.format)]}", item.image))
-            members.append((f"{item.key}.json", meta.encode("utf-8")))
+            members.append((f"{item.key}.json", doc.encode("utf-8")))
         tar_bytes, spans = write_tar(members)
 
         schema = self.schema

@@ -426,7 +426,7 @@ class JobSpec(BaseModel):
         """
         from genimg.expand import EXPANSION_COLUMNS
 
-        columns = {c: m.type for c, m in self.profile.metadata.items()}
+        columns: dict[str, str] = {c: m.type for c, m in self.profile.metadata.items()}
         return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
 
     def shard_plan(self) -> ShardPlan:

@@ -155,7 +155,7 @@ def parse_template(text: str) -> Template:
         return options, start
 
     def build(nodes_or_group) -> tuple:
-        out = []
+        out: list[object] = []
         for n in nodes_or_group:
             if isinstance(n, tuple) and len(n) == 2 and isinstance(n[0], list):
                 options, at = n

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -38,7 +38,8 @@ EXIT_INVALID = 2
 EXIT_UNAVAILABLE = 3
 EXIT_TIMEOUT = 124
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # ---- shared options (typer.Option defaults are None: Client and JobSpec fill in the rest)
 
@@ -82,13 +83,13 @@ def _exit_codes() -> Iterator[None]:
         raise typer.Exit(EXIT_UNAVAILABLE) from None
 
 
-def _guarded(fn: F) -> F:
+def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with _exit_codes():
             return fn(*args, **kwargs)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _client(redis_url: str | None, queue: str | None, key_prefix: str | None) -> Any:
@@ -223,11 +224,10 @@ def submit(
         given = {"template": expand_template, "instruction": expand_instruction,
                  "max_new_tokens": expand_max_new_tokens, "temperature": expand_temperature, "per": expand_per,
                  "wildcards_dir": str(wildcards_dir) if wildcards_dir is not None else None}
-        expand_opts: dict[str, Any] | None = {k: v for k, v in given.items() if v is not None}
+        opts: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if expand_model is not None:
-            expand_opts["model"] = None if expand_model.strip().lower() == "none" else expand_model  # type: ignore[index]
-        if not expand and not expand_opts:
-            expand_opts = None
+            opts["model"] = None if expand_model.strip().lower() == "none" else expand_model
+        expand_opts = opts if expand or opts else None
         with _client(redis_url, queue, key_prefix) as client:
             job = client.submit(
                 prompts, count=count, model=model, params=params, negative_prompt=negative_prompt,
@@ -438,9 +438,12 @@ def plan(
     if images_per_s is None and measured is None:
         raise ValidationError(f"no measured throughput for {model!r}: give --images-per-s", field="images_per_s")
     prof = measured or Profile(images_per_s=float(images_per_s or 1.0), text=text)
-    prof = replace(prof, text=text, **({"images_per_s": images_per_s, "cpu_s_per_image": None,
-                                        "source": "--images-per-s"} if images_per_s else {}),
-                   **({"image_bytes": image_bytes} if image_bytes else {}))
+    changes: dict[str, Any] = {"text": text}
+    if images_per_s:
+        changes.update(images_per_s=images_per_s, cpu_s_per_image=None, source="--images-per-s")
+    if image_bytes:
+        changes["image_bytes"] = image_bytes
+    prof = replace(prof, **changes)
     if local_workers:
         keda = Keda(max_pods=local_workers, concurrency=1, node_start_s=0.0, node_scale_down_s=0.0,
                     source="local stack: workers of concurrency 1, no autoscaling")

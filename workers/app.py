@@ -13,6 +13,7 @@ import socket
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from celery import Celery
@@ -24,6 +25,11 @@ from genimg.queue import celery_config
 from genimg.redaction import redact_all_handlers, register_url_secret
 from genimg.settings import StorageSettings, TritonSettings, WorkerSettings
 from genimg.spec import JobSpec
+
+if TYPE_CHECKING:
+    from genimg.layout import Layout
+    from genimg.pipeline import Infer
+    from genimg.stores import ManagedStore
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +79,11 @@ class WorkerContext:
     settings: WorkerSettings
     redis: redis.Redis
     keys: Keys
-    infer: object
+    infer: Infer
     storage_settings: StorageSettings
     hostname: str = field(default_factory=socket.gethostname)
-    _stores: dict = field(default_factory=dict)
-    _specs: OrderedDict = field(default_factory=OrderedDict)
+    _stores: dict[str, tuple[ManagedStore, str]] = field(default_factory=dict)
+    _specs: OrderedDict[str, JobSpec] = field(default_factory=OrderedDict)
 
     def spec(self, job_id: str) -> JobSpec:
         """The job's spec, cached per process (an LRU of 64 jobs)."""
@@ -92,7 +98,7 @@ class WorkerContext:
             self._specs.popitem(last=False)
         return spec
 
-    def store_for(self, spec: JobSpec):
+    def store_for(self, spec: JobSpec) -> tuple[ManagedStore, Layout]:
         """(store, layout) of the job's output URL; one store per bucket, reused."""
         from genimg.stores import open_job_store
 
@@ -154,4 +160,4 @@ def _on_child_exit(pid=None, **_: object) -> None:
 
 
 # Register the task with the app.
-import workers.tasks  # noqa: E402,F401
+import workers.tasks  # noqa: E402,F401 - registers the task; it imports `app` from this module, so it comes last

@@ -13,13 +13,17 @@ import os
 import socket
 import sys
 import tempfile
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from genimg.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-def validate_settings() -> object:
+def validate_settings() -> WorkerSettings:
     """Every ``GENIMG_*`` value the worker (main process and pool children) reads, checked at once.
 
     Worker settings and their timing (case C1), the Triton client, S3 (files

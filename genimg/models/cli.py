@@ -11,6 +11,7 @@ Examples::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def train(
 
     from genimg.models import train as tr
 
-    fn = {"generator": tr.train_generator, "upscaler": tr.train_upscaler, "verifier": tr.train_verifier}[model.value]
+    trainers: dict[str, Callable[..., Path]] = {"generator": tr.train_generator, "upscaler": tr.train_upscaler,
+                                                "verifier": tr.train_verifier}
+    fn = trainers[model.value]
     kwargs: dict = {"seed": seed}
     if epochs:
         kwargs["steps" if model is Trainable.upscaler else "epochs"] = epochs

@@ -93,7 +93,7 @@ def _conv_nhwc(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, padding: str
     if padding == "same":  # TF "same" with stride 1 and an odd kernel: (k - 1) / 2 zeros each side
         x = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
     # windows: [B, H, W, C, kh, kw]
-    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # type: ignore[call-overload]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(1, 2))  # type: ignore[call-overload]  # numpy stubs: no tuple axis
     return np.einsum("bhwcij,ijco->bhwo", windows, kernel, optimize=True) + bias
 
 

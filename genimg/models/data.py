@@ -99,7 +99,7 @@ def downscale_bicubic(img: np.ndarray, scale: int = 4) -> tuple[np.ndarray, np.n
     h, w = (img.shape[0] // scale) * scale, (img.shape[1] // scale) * scale
     hr = img[:h, :w]
     chans = [
-        np.asarray(Image.fromarray(hr[:, :, c]).resize((w // scale, h // scale), Image.BICUBIC))
+        np.asarray(Image.fromarray(hr[:, :, c]).resize((w // scale, h // scale), Image.Resampling.BICUBIC))
         for c in range(hr.shape[2])
     ]
     return hr, np.stack(chans, axis=2)

@@ -133,7 +133,7 @@ def engine_sources(onnx_dir: Path | None, profiles=None) -> dict[str, Path]:
 def tensorrt_unavailable_reason() -> str | None:
     """Why engines cannot be built here (``None`` when TensorRT and a CUDA GPU are present)."""
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt  # noqa: F401 - imported only to learn whether it is installed
     except ImportError:
         return "TensorRT's Python package (tensorrt) is not installed"
     try:

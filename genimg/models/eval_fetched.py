@@ -54,13 +54,15 @@ def esrgan_psnr(onnx_path: Path, images: tuple[str, ...] = HELDOUT) -> dict:
 
     sess = _session(onnx_path)
     rows: dict[str, dict[str, float | list[int]]] = {}
+    dbs: dict[str, list[float]] = {"model_db": [], "bicubic_db": []}
     for name in images:
         hr, lr = downscale_bicubic(load_skimage(name))
         sr = sess.run(["UPSCALED"], {"IMAGE": lr[None]})[0][0]
-        rows[name] = {"model_db": round(psnr_db(sr, hr), 3), "bicubic_db": round(psnr_db(bicubic_x4(lr), hr), 3),
-                      "lr_shape": list(lr.shape)}
-    rows["mean"] = {k: round(float(np.mean([float(r[k]) for r in rows.values()])), 3)  # type: ignore[arg-type]
-                    for k in ("model_db", "bicubic_db")}
+        model_db, bicubic_db = round(psnr_db(sr, hr), 3), round(psnr_db(bicubic_x4(lr), hr), 3)
+        rows[name] = {"model_db": model_db, "bicubic_db": bicubic_db, "lr_shape": list(lr.shape)}
+        dbs["model_db"].append(model_db)
+        dbs["bicubic_db"].append(bicubic_db)
+    rows["mean"] = {k: round(float(np.mean(v)), 3) for k, v in dbs.items()}
     return rows
 
 

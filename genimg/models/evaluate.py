@@ -93,9 +93,9 @@ def super_resolution(weights_dir: Path = WEIGHTS_DIR) -> tuple[float, float]:
         out = up(torch.from_numpy(lr).unsqueeze(0))[0].numpy()
         x = torch.from_numpy(lr).permute(2, 0, 1).unsqueeze(1).float() / 255.0
         base = F.interpolate(x, scale_factor=4, mode="bicubic", align_corners=False)
-        base = torch.clamp(torch.round(base * 255.0), 0, 255).to(torch.uint8).squeeze(1).permute(1, 2, 0).numpy()
+        base_u8 = torch.clamp(torch.round(base * 255.0), 0, 255).to(torch.uint8).squeeze(1).permute(1, 2, 0).numpy()
         sr.append(psnr_db(out, hr))
-        bic.append(psnr_db(base, hr))
+        bic.append(psnr_db(base_u8, hr))
     return float(np.mean(sr)), float(np.mean(bic))
 
 
@@ -117,7 +117,8 @@ def onnx_agreement(weights_dir: Path = WEIGHTS_DIR, onnx_dir: Path | None = None
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     img28 = rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8)
     img_rgb = rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
-    gen, up, ver = (load_trained(n, weights_dir) for n in ("generator", "upscaler", "verifier"))
+    gen, up, ver = (load_trained("generator", weights_dir), load_trained("upscaler", weights_dir),
+                    load_trained("verifier", weights_dir))
     tok = te.make_tokenizer(te.package_model_dir() / "tokenizer.json")
     prompts = ["a handwritten 7", "", "the number seven", "ünïcødé ✓ 数字", "x" * 600]
     cases = {

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal, overload
 
 import torch
 from safetensors.torch import load_file
@@ -35,6 +36,16 @@ from genimg.settings import WEIGHTS_DIR
 
 OPSET = 17
 ONNX_NAMES = ("text_encoder", "generator", "generator_uncond", "upscaler", "verifier")
+
+
+@overload
+def load_trained(name: Literal["generator"], weights_dir: Path = ...) -> Generator: ...
+@overload
+def load_trained(name: Literal["upscaler"], weights_dir: Path = ...) -> Upscaler: ...
+@overload
+def load_trained(name: Literal["verifier"], weights_dir: Path = ...) -> Verifier: ...
+@overload
+def load_trained(name: str, weights_dir: Path = ...) -> torch.nn.Module: ...
 
 
 def load_trained(name: str, weights_dir: Path = WEIGHTS_DIR) -> torch.nn.Module:

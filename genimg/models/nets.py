@@ -64,6 +64,8 @@ class Generator(nn.Module):
     guidance (Ho & Salimans 2022, https://arxiv.org/abs/2207.12598).
     """
 
+    null_proj: torch.Tensor  # a registered buffer, float32 [cond_proj_dim]
+
     def __init__(self, cond_proj_dim: int = 128) -> None:
         super().__init__()
         self.cond_proj = nn.Sequential(nn.Linear(COND_DIM, cond_proj_dim), nn.LeakyReLU(0.2))

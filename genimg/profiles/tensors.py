@@ -187,6 +187,17 @@ def check_stage(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[int
                                        f"{name} needs {bind.dtype} {list(bind.shape)}")
 
 
+def output_bindings(profile: ModelProfile) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The served outputs a profile reads: ``(tensor, Triton dtype, dims without the batch axis)`` of its image,
+    its metadata columns, then its finiteness flag (``BOOL [1]``) if it has one."""
+    out: list[tuple[str, str, tuple[int, ...]]] = [(profile.image.tensor, profile.image.dtype,
+                                                    tuple(profile.image.dims))]
+    out += [(m.tensor, m.dtype, tuple(m.shape)) for m in profile.metadata.values()]
+    if profile.finite:
+        out.append((profile.finite, "BOOL", (1,)))
+    return out
+
+
 def check_served(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[int, ...]]],
                  outputs: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
     """Compare the served model's declared tensors with the profile (before its first request).
@@ -215,11 +226,7 @@ def check_served(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[in
         if dtype != bind.dtype or not fits(dims, bind.shape):
             raise ProfileMismatchError(f"{model}: input {name} is served as {dtype} {list(dims)}; "
                                        f"the profile declares {bind.dtype} {list(bind.shape)}")
-    wanted = [(profile.image.tensor, profile.image.dtype, profile.image.dims)]
-    wanted += [(m.tensor, m.dtype, m.shape) for m in profile.metadata.values()]
-    if profile.finite:
-        wanted.append((profile.finite, "BOOL", (1,)))
-    for name, want_dtype, want_dims in wanted:
+    for name, want_dtype, want_dims in output_bindings(profile):
         if name not in outputs:
             raise ProfileMismatchError(f"{model}: output {name} is in the profile but not served "
                                        f"(served: {sorted(outputs)})")

@@ -30,6 +30,7 @@ from genimg.errors import ModelError
 from genimg.models.fetch import resolve_onnx
 from genimg.profiles.registry import Profiles
 from genimg.profiles.schema import ModelProfile
+from genimg.profiles.tensors import output_bindings
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,8 @@ def onnx_model_config(pb, name: str, sig: tuple[list[OnnxTensor], list[OnnxTenso
 
 def _binding_dims(profile: ModelProfile) -> tuple[list[tuple[str, str, tuple[int, ...]]],
                                                   list[tuple[str, str, tuple[int, ...]]]]:
-    inputs = [(n, b.dtype, tuple(b.shape)) for n, b in profile.inputs.items()]
-    outputs = [(profile.image.tensor, profile.image.dtype, profile.image.dims)]
-    outputs += [(m.tensor, m.dtype, tuple(m.shape)) for m in profile.metadata.values()]
-    if profile.finite:
-        outputs.append((profile.finite, "BOOL", (1,)))
-    return inputs, outputs
+    inputs: list[tuple[str, str, tuple[int, ...]]] = [(n, b.dtype, tuple(b.shape)) for n, b in profile.inputs.items()]
+    return inputs, output_bindings(profile)
 
 
 def ensemble_config(pb, profile: ModelProfile, max_batch_size: int, dtypes: dict[str, str]):
