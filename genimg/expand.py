@@ -295,11 +295,11 @@ class ShardExpander:
         template = opts.parsed
         self.item_units = [unit_of(int(i), spec.images_per_prompt, opts.per) for i in item_indices]
         first: dict[int, str] = {}
-        for u, p in zip(self.item_units, source_prompts):
+        for u, p in zip(self.item_units, source_prompts, strict=True):
             first.setdefault(u, p or "")
         units = list(first)
         seeds = item_seeds(spec.seed, np.array(units, dtype=np.int64)) if units else np.zeros(0, np.uint64)
-        self.seeds = {u: int(s) for u, s in zip(units, seeds)}
+        self.seeds = {u: int(s) for u, s in zip(units, seeds, strict=True)}
         self.templated = {u: template.render(first[u], self.seeds[u], wildcards) for u in units}
         self.seconds = 0.0
         self._futures: dict[int, Future[dict[int, Expansion]]] = {}
@@ -339,11 +339,11 @@ class ShardExpander:
 
     def _expand(self, units: list[int]) -> dict[int, Expansion]:
         texts, tokens = self._request(units, [self.seeds[u] for u in units])
-        result = {u: (t, k, check_revised(t, self.limit)) for u, t, k in zip(units, texts, tokens)}
+        result = {u: (t, k, check_revised(t, self.limit)) for u, t, k in zip(units, texts, tokens, strict=True)}
         again = [u for u in units if result[u][2] is not None]
         if again:  # once more with a derived seed (deterministic: a retried shard asks the same)
             texts, tokens = self._request(again, [self.seeds[u] ^ RETRY_SEED_SALT for u in again])
-            for u, t, k in zip(again, texts, tokens):
+            for u, t, k in zip(again, texts, tokens, strict=True):
                 result[u] = (t, k, check_revised(t, self.limit))
         return {u: Expansion(self.templated[u], None if why else t, _reason_name(why), k)
                 for u, (t, k, why) in result.items()}

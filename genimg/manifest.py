@@ -245,7 +245,7 @@ def _part_table(store: ObjectStore, layout: Layout, shards: range, schema: pa.Sc
                 pool: ThreadPoolExecutor) -> tuple[pa.Table, tuple[int, ...]]:
     """Read the indexes of ``shards`` (in parallel on ``pool``) and de-duplicate them."""
     tables = list(pool.map(lambda s: _read_index_or_none(store, layout, s), shards))
-    missing = tuple(s for s, t in zip(shards, tables) if t is None)
+    missing = tuple(s for s, t in zip(shards, tables, strict=True) if t is None)
     present = [_conform(t, schema) for t in tables if t is not None]
     if not present:
         return (schema or INDEX_SCHEMA).empty_table(), missing
@@ -344,14 +344,15 @@ def finalize_parts(store: ObjectStore, layout: Layout, plan: PartPlan, *, schema
     have = set(summarised_parts(store, layout))
     summaries: dict[int, PartSummary] = {}
     with ThreadPoolExecutor(threads, thread_name_prefix="genimg-manifest") as pool:
-        for part, summary in zip(sorted(have), pool.map(lambda p: read_summary(store, layout, p), sorted(have))):
+        found = pool.map(lambda p: read_summary(store, layout, p), sorted(have))
+        for part, summary in zip(sorted(have), found, strict=True):
             if summary is not None and summary.final and part < plan.num_parts \
                     and summary.shards == plan.part_range(part):
                 summaries[part] = summary
         todo = [p for p in range(plan.num_parts) if p not in summaries]
         with ThreadPoolExecutor(max(1, parallel_parts), thread_name_prefix="genimg-part") as builders:
             for part, (_, summary) in zip(todo, builders.map(
-                    lambda p: build_part(store, layout, plan, p, schema=schema, pool=pool), todo)):
+                    lambda p: build_part(store, layout, plan, p, schema=schema, pool=pool), todo), strict=True):
                 summaries[part] = summary
     reasons: Counter[str] = Counter()
     for s in summaries.values():

@@ -344,7 +344,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
 
     stage = PromptStageCache(profile, infer, spec.sub_batch_size) if profile.prompt_stage else None
     expander, expander_name, expander_version = _start_expansion(spec, store, layout, infer, indices, prompts)
-    sources = dict(zip(indices.tolist(), prompts))
+    sources = dict(zip(indices.tolist(), prompts, strict=True))
 
     def run_infer(b: _SubBatch) -> _SubBatch:
         if expander is not None:  # waits only for the expansion requests holding this sub-batch's items

@@ -272,7 +272,7 @@ def simulate(loads: list[Load], keda: Keda, *, pods: int | None = None, cpus: fl
             out.append(prof.images_per_s / max(1, keda.concurrency if cpus is None else per_pod[s.pod]))
         if cpus is not None:
             demand = sum(r * (loads[s.shard[0]].profile.cpu_s_per_image or 0.0)
-                         for s, r in zip(slots, out) if s.shard is not None)
+                         for s, r in zip(slots, out, strict=True) if s.shard is not None)
             if demand > cpus:
                 out = [r * cpus / demand for r in out]
         return out
@@ -313,13 +313,13 @@ def simulate(loads: list[Load], keda: Keda, *, pods: int | None = None, cpus: fl
                 nxt += rounds * len(slots)
                 done += rounds * len(slots)
                 continue
-        events = [s.left / x for s, x in zip(slots, r) if s.shard is not None and x > 0]
+        events = [s.left / x for s, x in zip(slots, r, strict=True) if s.shard is not None and x > 0]
         if ready:
             events.append(ready[0][0] - t)
         if autoscale:
             events.append(next_sync - t)
         step = max(min(events), 1e-9) if events else HPA_SYNC_S
-        for s, x in zip(slots, r):
+        for s, x in zip(slots, r, strict=True):
             if s.shard is not None:
                 s.left -= x * step
                 if s.left <= 1e-6:

@@ -5,7 +5,8 @@ Configuration: :func:`celery_config` is the one Celery configuration (JSON only,
 acks late, prefetch 1, kombu's priority steps); the workers run with it and the
 producer and reconciler send with it (:func:`producer_app`).
 
-Messages: sent by the producer and the reconciler, read back from Redis by the reconciler. A shard's message is the Celery task ``genimg.generate_shard`` with JSON
+Messages: sent by the producer and the reconciler, read back from Redis by the
+reconciler. A shard's message is the Celery task ``genimg.generate_shard`` with JSON
 positional arguments ``[job_id, shard_index]`` on the queue ``GENIMG_QUEUE``,
 with the job's priority (kombu's priority steps, below).
 

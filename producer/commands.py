@@ -151,7 +151,8 @@ def submit(
     images_per_prompt: Annotated[int | None, typer.Option(
         "--images-per-prompt", help="Images per prompt, 1-64 (default: 1).")] = None,
     output: Annotated[str | None, typer.Option(
-        "--output", envvar="GENIMG_OUTPUT", help="s3://bucket/prefix, or file:///dir under GENIMG_LOCAL_OUTPUT_ROOT.")] = None,
+        "--output", envvar="GENIMG_OUTPUT",
+        help="s3://bucket/prefix, or file:///dir under GENIMG_LOCAL_OUTPUT_ROOT.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Job seed, 0..2**63-1 (default: 0).")] = None,
     image_format: Annotated[str | None, typer.Option(
         "--image-format", envvar="GENIMG_IMAGE_FORMAT", help="png, webp or jpeg (default: png).")] = None,
@@ -164,7 +165,8 @@ def submit(
         "--upscale/--no-upscale", help="--no-upscale runs the profile's variant without upscaling.",
         show_default=False)] = None,
     priority: Annotated[str | None, typer.Option(
-        "--priority", envvar="GENIMG_PRIORITY", help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
+        "--priority", envvar="GENIMG_PRIORITY",
+        help="0-9 or low/normal/high; higher runs sooner (default: normal).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="A label for the job.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(
         "--idempotency-key",
@@ -323,8 +325,8 @@ def resume(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, r
 
 
 @_guarded
-def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Local file to write (.parquet, .csv or .jsonl).",
-                                                              show_default=False)],
+def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", show_default=False,
+                                                              help="Local file to write (.parquet, .csv or .jsonl).")],
              output: OutputHint = None, as_json: JsonOut = False, redis_url: RedisUrl = None,
              queue: Queue = None, key_prefix: KeyPrefix = None) -> None:
     """Write a job's manifest (one row per item) to a local file, streamed part by part.
@@ -468,7 +470,8 @@ def plan(
         f"last shard at {_hms(r.work_end_s)}, finalise {r.finalise_s:.0f} s); a shard ~{r.shard_seconds:.0f} s",
         f"GPU-hours: {r.gpu_hours_billed:,.1f} billed (node start-up, tail and scale-in included), "
         f"{r.gpu_hours_busy:,.1f} busy" if not local_workers else "GPU-hours: none (local stack)",
-        f"Redis: {r.redis_commands_per_s:,.0f} commands/s, peak {r.redis_peak_bytes / 2**20:,.0f} MiB (queue + done-hash)",
+        f"Redis: {r.redis_commands_per_s:,.0f} commands/s, "
+        f"peak {r.redis_peak_bytes / 2**20:,.0f} MiB (queue + done-hash)",
         "S3: " + ", ".join(f"{k} {v:,.1f}/s" for k, v in r.s3_requests_per_s.items()),
         f"output: {r.output_bytes / 2**30:,.2f} GiB (tars, indexes, manifest)",
         f"autoscaling: {keda.source}",

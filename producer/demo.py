@@ -325,7 +325,8 @@ def collect(client: Any, run: _Run, out_dir: Path, *, sheet_prompts: int = SHEET
 
 
 def run_demo(*, prompts_path: Path, prompts_limit: int | None, images_per_prompt: int, noise_count: int,
-             out: Path, faces_count: int = DEFAULT_FACES_COUNT, expand_count: int = DEFAULT_EXPAND_COUNT, workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
+             out: Path, faces_count: int = DEFAULT_FACES_COUNT, expand_count: int = DEFAULT_EXPAND_COUNT,
+             workers: int, shard_size: int, sub_batch_size: int, seed: int, timeout_s: float,
              keep_up: bool, progress: bool, state_dir: Path | None) -> dict[str, Any]:
     """Run the demo (see the module docstring); returns the overall summary also written to ``out``.
 

@@ -94,7 +94,8 @@ def _probe() -> int:
 def worker(
     concurrency: int = typer.Option(None, help="Pool processes [env GENIMG_CONCURRENCY]."),
     metrics_port: int = typer.Option(None, help="Port of /metrics, 0 = none [env GENIMG_METRICS_PORT]."),
-    max_tasks_per_child: int = typer.Option(None, help="Recycle a child after N shards [env GENIMG_MAX_TASKS_PER_CHILD]."),
+    max_tasks_per_child: int = typer.Option(
+        None, help="Recycle a child after N shards [env GENIMG_MAX_TASKS_PER_CHILD]."),
     hostname: str = typer.Option(None, help="Celery node name (default genimg@HOST-PID)."),
     check: bool = typer.Option(False, "--check", help="Probe Redis and Triton, exit 0 (ok) or 1."),
 ) -> None:

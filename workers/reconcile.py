@@ -320,8 +320,8 @@ class Reconciler:
         for shard, _ in todo:
             pipe.hincrby(self.keys.job(job_id, "healed"), str(shard), 1)
         counts = pipe.execute()
-        requeue = [(s, t, n) for (s, t), n in zip(todo, counts) if n <= self.settings.reconcile_max_heals]
-        give_up = [(s, t, n) for (s, t), n in zip(todo, counts) if n > self.settings.reconcile_max_heals]
+        requeue = [(s, t, n) for (s, t), n in zip(todo, counts, strict=True) if n <= self.settings.reconcile_max_heals]
+        give_up = [(s, t, n) for (s, t), n in zip(todo, counts, strict=True) if n > self.settings.reconcile_max_heals]
         if requeue:
             self.r.hdel(self.keys.job(job_id, "running"), *[str(s) for s, _, _ in requeue])
             send_shards(self.app, self.queue, job_id, celery_priority(spec.priority), [s for s, _, _ in requeue])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -24,7 +24,7 @@ app = typer.Typer(help="Train, export and evaluate genimg's models.", no_args_is
 DEFAULT_ONNX_DIR = Path(".cache/genimg/onnx")
 
 
-class Trainable(str, Enum):
+class Trainable(StrEnum):
     generator = "generator"
     upscaler = "upscaler"
     verifier = "verifier"

@@ -318,7 +318,7 @@ def parity(onnx_path: Path, model, tok, chat: dict) -> dict:
         total += 1
         feed = {"input_ids": np.array([[nxt]], np.int64), "position_ids": np.array([[total - 1]], np.int64),
                 "attention_mask": np.ones((1, total), np.int64)}
-        feed.update(dict(zip(past_names, outs[1:])))
+        feed.update(dict(zip(past_names, outs[1:], strict=True)))
         outs = sess.run(None, feed)
     ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones((1, n), dtype=torch.int64),
                          max_new_tokens=PARITY_TOKENS, do_sample=False, min_new_tokens=PARITY_TOKENS)

@@ -89,4 +89,4 @@ def run_with_tensors(model_path: Path, feeds: dict[str, np.ndarray], extra: list
         model.graph.output.append(onnx.ValueInfoProto(name=name))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feeds)))
+    return dict(zip(names, sess.run(names, feeds), strict=True))

@@ -85,7 +85,8 @@ def profiles_for(model: str, batch: tuple[int, int, int] = (BATCH_MIN, BATCH_OPT
         raise ValueError(f"profile batch sizes must satisfy min <= opt <= max, got {batch}")
     out = []
     for name, (smin, sopt, smax) in (inputs if inputs is not None else ENGINE_MODELS[model]).items():
-        if not (len(smin) == len(sopt) == len(smax) and all(a <= b <= c for a, b, c in zip(smin, sopt, smax))):
+        if not (len(smin) == len(sopt) == len(smax)
+                and all(a <= b <= c for a, b, c in zip(smin, sopt, smax, strict=True))):
             raise ValueError(f"{model}.{name}: shapes must satisfy min <= opt <= max, got {smin}, {sopt}, {smax}")
         out.append(Profile(name, (lo, *smin), (opt, *sopt), (hi, *smax)))
     return out

@@ -122,17 +122,19 @@ def onnx_agreement(weights_dir: Path = WEIGHTS_DIR, onnx_dir: Path | None = None
     tok = te.make_tokenizer(te.package_model_dir() / "tokenizer.json")
     prompts = ["a handwritten 7", "", "the number seven", "ünïcødé ✓ 数字", "x" * 600]
     cases = {
-        "generator": ({"Z": z, "COND": c},
-                      dict(zip(("IMAGE", "FINITE"), GeneratorForExport(gen)(torch.from_numpy(z), torch.from_numpy(c))))),
-        "generator_uncond": ({"Z": z}, dict(zip(("IMAGE", "FINITE"), UncondGeneratorForExport(gen)(torch.from_numpy(z))))),
+        "generator": ({"Z": z, "COND": c}, dict(zip(
+            ("IMAGE", "FINITE"), GeneratorForExport(gen)(torch.from_numpy(z), torch.from_numpy(c)), strict=True))),
+        "generator_uncond": ({"Z": z}, dict(zip(
+            ("IMAGE", "FINITE"), UncondGeneratorForExport(gen)(torch.from_numpy(z)), strict=True))),
         "upscaler": ({"IMAGE": img_rgb}, {"UPSCALED": UpscalerForExport(up)(torch.from_numpy(img_rgb))}),
-        "verifier": ({"IMAGE": img28}, dict(zip(("LABEL", "SCORE"), VerifierForExport(ver)(torch.from_numpy(img28))))),
+        "verifier": ({"IMAGE": img28}, dict(zip(
+            ("LABEL", "SCORE"), VerifierForExport(ver)(torch.from_numpy(img28)), strict=True))),
         "text_encoder": (te.tokenize(tok, prompts), {"EMBEDDING": torch.from_numpy(te.embed(prompts))}),
     }
     result: dict[str, dict[str, float]] = {}
     for name, (feeds, ref) in cases.items():
         sess = ort.InferenceSession(str(onnx_dir / f"{name}.onnx"), providers=["CPUExecutionProvider"])
-        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
         result[name] = {k: float(np.max(np.abs(outs[k].astype(np.float64) - v.numpy().astype(np.float64))))
                         for k, v in ref.items()}
     if tmp is not None:

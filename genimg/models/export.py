@@ -2,13 +2,13 @@
 
 Files written by :func:`export_all` (the serving contract, see docs/models.md):
 
-| file | inputs | outputs |
-| --- | --- | --- |
-| ``text_encoder.onnx`` | ``input_ids``, ``attention_mask``, ``token_type_ids`` int64 [B, T] | ``EMBEDDING`` float32 [B, 384] |
-| ``generator.onnx`` | ``Z`` float32 [B, 100], ``COND`` float32 [B, 384] | ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1] |
-| ``generator_uncond.onnx`` | ``Z`` float32 [B, 100] | ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1] |
-| ``upscaler.onnx`` | ``IMAGE`` uint8 [B, H, W, C] | ``UPSCALED`` uint8 [B, 4H, 4W, C] |
-| ``verifier.onnx`` | ``IMAGE`` uint8 [B, 28, 28, 1] | ``LABEL`` int32 [B, 1], ``SCORE`` float32 [B, 1] |
+- ``text_encoder.onnx``: ``input_ids``, ``attention_mask``, ``token_type_ids`` int64 [B, T]
+  → ``EMBEDDING`` float32 [B, 384]
+- ``generator.onnx``: ``Z`` float32 [B, 100], ``COND`` float32 [B, 384]
+  → ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1]
+- ``generator_uncond.onnx``: ``Z`` float32 [B, 100] → ``IMAGE`` uint8 [B, 28, 28, 1], ``FINITE`` bool [B, 1]
+- ``upscaler.onnx``: ``IMAGE`` uint8 [B, H, W, C] → ``UPSCALED`` uint8 [B, 4H, 4W, C]
+- ``verifier.onnx``: ``IMAGE`` uint8 [B, 28, 28, 1] → ``LABEL`` int32 [B, 1], ``SCORE`` float32 [B, 1]
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ conversion. The converter's version is the sha256 of its source files, so
 editing a converter rebuilds its models.
 
 Conversions (``genimg.models.convert_faces``, ``convert_vintage``) need torch
-(the ``train`` extra); ``convert_smollm2`` also needs transformers, gguf and accelerate (``train``); ``convert_esrgan`` needs only ``onnx``; ``terrain``
+(the ``train`` extra); ``convert_smollm2`` also needs transformers, gguf and
+accelerate (``train``); ``convert_esrgan`` needs only ``onnx``; ``terrain``
 needs neither. Every model's interface is checked with ``onnxruntime``.
 """
 

@@ -36,7 +36,7 @@ class TensorSpec:
             return f"dtype {ort_type}, expected {_ORT_TYPES[self.dtype]}"
         if len(ort_shape) != len(self.shape):
             return f"rank {len(ort_shape)} (shape {ort_shape}), expected shape {self.describe()['shape']}"
-        for axis, (want, got) in enumerate(zip(self.shape, ort_shape)):
+        for axis, (want, got) in enumerate(zip(self.shape, ort_shape, strict=True)):
             if want is None and isinstance(got, int):
                 return f"axis {axis} is fixed at {got}, expected dynamic"
             if want is not None and got != want:

@@ -282,7 +282,8 @@ def calibrate_null(weights_dir: Path, *, seed: int = 0, steps: int = 300, sample
     with torch.no_grad():
         gen.null_proj.copy_(null.detach())
     after = marginal(gen.null_proj).detach()
-    record = json.loads((weights_dir / "generator.json").read_text()) if (weights_dir / "generator.json").is_file() else {}
+    record_path = weights_dir / "generator.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     record["null_calibration"] = {
         "seed": seed, "steps": steps, "samples": samples, "anchor_weight": anchor_weight,
         "judge": f"verifier seed {seed + 1000}, {judge_epochs} epochs",

@@ -213,7 +213,8 @@ def check_served(profile: ModelProfile, inputs: Mapping[str, tuple[str, tuple[in
     model = profile.triton_model
 
     def fits(served: tuple[int, ...], declared: tuple[int, ...]) -> bool:
-        return len(served) == len(declared) and all(s == -1 or d == -1 or s == d for s, d in zip(served, declared))
+        return len(served) == len(declared) and all(s == -1 or d == -1 or s == d
+                                                    for s, d in zip(served, declared, strict=True))
 
     missing = set(inputs) - set(profile.inputs)
     if missing:

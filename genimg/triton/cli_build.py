@@ -11,7 +11,7 @@ Examples::
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -19,7 +19,7 @@ import typer
 from genimg.errors import GenImgError
 
 
-class Flavor(str, Enum):
+class Flavor(StrEnum):
     cpu = "cpu"
     tensorrt = "tensorrt"
 

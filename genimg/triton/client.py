@@ -159,7 +159,7 @@ def _numeric(name: str, value: Any, dtype: str, dims: tuple[int, ...]) -> np.nda
     if arr.ndim != len(dims) + 1:
         raise ValidationError(f"expected shape [B, {', '.join(map(str, dims))}] or one item, got {arr.shape}",
                               field=name)
-    for got, want in zip(arr.shape[1:], dims):
+    for got, want in zip(arr.shape[1:], dims, strict=True):
         if want != -1 and got != want:
             raise ValidationError(f"expected item shape {list(dims)}, got {list(arr.shape[1:])}", field=name)
     if arr.dtype == target:

@@ -43,7 +43,7 @@ class OnnxReference:
         """Run one non-text model on batched inputs named as in the contract; returns ``{output: array}``."""
         sess = self.sessions[model]
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, inputs)))
+        return dict(zip(names, sess.run(names, inputs), strict=True))
 
     def embed(self, prompts: list[str]) -> np.ndarray:
         """Prompt embeddings float32 [B, 384], tokenised as one batch (padding to the longest)."""

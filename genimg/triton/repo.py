@@ -436,8 +436,9 @@ def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer
                 "extra_models": ["prompt_echo"] if with_echo else [], "sha256": shas}
     if flavor == "tensorrt":
         manifest["tensorrt_profiles"] = tensorrt_profiles()
-        manifest["plans_missing"] = sorted(n for n in [*own, *extra_models]
-                                           if n not in ("text_encoder", contract.EXPANDER.name) and not (out / n / "1" / "model.plan").is_file())
+        manifest["plans_missing"] = sorted(
+            n for n in [*own, *extra_models]
+            if n not in ("text_encoder", contract.EXPANDER.name) and not (out / n / "1" / "model.plan").is_file())
         if manifest["plans_missing"]:
             log.warning("no TensorRT plans for %s yet: run `genimg models build-engines` on a GPU machine and "
                         "rebuild with --plan-dir", manifest["plans_missing"])
