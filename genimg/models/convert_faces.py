@@ -37,7 +37,7 @@ from genimg.models.convert_util import (
     quantize_pm1,
     run_with_tensors,
 )
-from genimg.models.nets import to_uint8
+from genimg.models.nets import Wrapping, to_uint8, with_weights
 
 NZ = 100
 """Noise length."""
@@ -75,12 +75,9 @@ class DCGANGenerator(nn.Module):
         return self.main(z)
 
 
-class FacesForExport(nn.Module):
-    """Serving form: ``Z`` float32 [B, 100] → ``IMAGE`` uint8 [B, 64, 64, 3], ``FINITE`` bool [B, 1]."""
-
-    def __init__(self, gen: DCGANGenerator) -> None:
-        super().__init__()
-        self.gen = gen
+class FacesForExport(Wrapping):
+    """Serving form of a :class:`DCGANGenerator`: ``Z`` float32 [B, 100] → ``IMAGE`` uint8 [B, 64, 64, 3],
+    ``FINITE`` bool [B, 1]."""
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.gen(z.reshape(-1, NZ, 1, 1))
@@ -107,12 +104,7 @@ def build(weights: Path) -> DCGANGenerator:
     Raises:
         ModelError: the weights do not fit the network.
     """
-    gen = DCGANGenerator()
-    try:
-        gen.load_state_dict(load_state(weights))
-    except RuntimeError as e:
-        raise ModelError(f"{weights} does not fit the DCGAN generator: {e}") from e
-    return gen.eval()
+    return with_weights(DCGANGenerator(), lambda: load_state(weights), f"{weights} does not fit the DCGAN generator")
 
 
 def convert(files: dict[str, Path], out: Path) -> dict:

@@ -39,7 +39,7 @@ from genimg.models.convert_util import (
     quantize_pm1,
     run_with_tensors,
 )
-from genimg.models.nets import to_uint8
+from genimg.models.nets import Wrapping, to_uint8, with_weights
 
 WEIGHTS = "vintagify/resources/G_A2B_epoch33.pth"
 GENERATOR_PY = "vintagify/generator.py"
@@ -92,12 +92,8 @@ class CycleGANGenerator(nn.Module):
         return self.model(x)
 
 
-class VintageForExport(nn.Module):
-    """Serving form: ``IMAGE`` uint8 [B, H, W, 3] → ``STYLED`` uint8 [B, H, W, 3]."""
-
-    def __init__(self, gen: CycleGANGenerator) -> None:
-        super().__init__()
-        self.gen = gen
+class VintageForExport(Wrapping):
+    """Serving form of a :class:`CycleGANGenerator`: ``IMAGE`` uint8 [B, H, W, 3] → ``STYLED`` uint8 [B, H, W, 3]."""
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[1], image.shape[2]
@@ -112,12 +108,9 @@ def build(weights: Path) -> CycleGANGenerator:
     Raises:
         ModelError: the file is not a state dict that fits the network.
     """
-    gen = CycleGANGenerator()
-    try:
-        gen.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except (RuntimeError, KeyError, TypeError, OSError) as e:
-        raise ModelError(f"{weights} does not fit the CycleGAN ResNet-9 generator: {e}") from e
-    return gen.eval()
+    return with_weights(CycleGANGenerator(), lambda: torch.load(weights, map_location="cpu", weights_only=True),
+                        f"{weights} does not fit the CycleGAN ResNet-9 generator",
+                        (RuntimeError, KeyError, TypeError, OSError))
 
 
 def convert(files: dict[str, Path], out: Path) -> dict:

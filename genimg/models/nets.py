@@ -23,12 +23,41 @@ out, conversion to uint8 saturating and rounding (case C10).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from genimg.contract import EMBED_DIM as COND_DIM  # the prompt embedding (all-MiniLM-L6-v2)
 from genimg.contract import NUM_CLASSES, SCALE, Z_DIM
+from genimg.errors import ModelError
+
+
+class Wrapping(nn.Module):
+    """Base of a serving form (``*ForExport``) of a fetched network: the wrapped network is ``self.gen``."""
+
+    def __init__(self, gen: nn.Module) -> None:
+        super().__init__()
+        self.gen = gen
+
+
+N = TypeVar("N", bound=nn.Module)
+
+
+def with_weights(net: N, load: Callable[[], Mapping[str, torch.Tensor]], what: str,
+                 errors: tuple[type[BaseException], ...] = (RuntimeError,)) -> N:
+    """``net`` with the state dict that ``load()`` returns, in eval mode.
+
+    Raises:
+        ModelError: ``load()`` or ``load_state_dict`` raised one of ``errors`` (message ``"{what}: {error}"``).
+    """
+    try:
+        net.load_state_dict(load())
+    except errors as e:
+        raise ModelError(f"{what}: {e}") from e
+    return net.eval()
 
 
 def to_uint8(x: torch.Tensor, low: float, high: float) -> torch.Tensor:

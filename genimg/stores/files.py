@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from genimg.closing import Closing
 from genimg.errors import PayloadTooLargeError, StorageError, StorageNotFoundError, ValidationError
 from genimg.stores.base import ObjectInfo, PutResult, sha256_hex
 from genimg.urls import SEGMENT_RE
@@ -44,7 +45,7 @@ def _is_temporary(name: str) -> bool:
     return name.startswith(_TMP_MARK)
 
 
-class FileStore:
+class FileStore(Closing):
     """Objects as files under ``root`` (created on :meth:`ensure_bucket` or first write).
 
     Args:
@@ -64,12 +65,6 @@ class FileStore:
 
     def close(self) -> None:
         """Nothing to release (kept for symmetry with :class:`~genimg.stores.s3.S3Store`)."""
-
-    def __enter__(self) -> FileStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def url(self, key: str) -> str:
         """``file:///root/key`` for ``key``."""

@@ -41,6 +41,7 @@ import botocore.exceptions
 import s3transfer.exceptions
 import urllib3.exceptions
 
+from genimg.closing import Closing
 from genimg.errors import (
     PayloadTooLargeError,
     StorageError,
@@ -156,7 +157,7 @@ def _translated(what: str) -> Iterator[None]:
 
 
 
-class S3Store:
+class S3Store(Closing):
     """One bucket of an S3-compatible store, through a configured boto3 client.
 
     Keys are bucket-relative strings (``"prefix/job/shards/000001.tar"``).
@@ -223,12 +224,6 @@ class S3Store:
     def close(self) -> None:
         """Close the client's connection pool."""
         self._client.close()
-
-    def __enter__(self) -> S3Store:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def url(self, key: str) -> str:
         """``s3://bucket/key`` for ``key``."""

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from genimg.closing import Closing
 from genimg.errors import (
     GenImgError,
     InferenceInvalidArgumentError,
@@ -187,7 +188,7 @@ def _item_bytes(arr: np.ndarray) -> int:
     return int(arr[0].nbytes) if len(arr) else 0
 
 
-class InferenceClient:
+class InferenceClient(Closing):
     """Contract-aware Triton client (see the module docstring).
 
     Args:
@@ -234,12 +235,6 @@ class InferenceClient:
     def close(self) -> None:
         """Close connections (lets Triton shut down without waiting out its exit timeout)."""
         self._client.close()
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         if self.protocol == "grpc":
