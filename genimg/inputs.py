@@ -342,13 +342,7 @@ def encode_prompt_chunk(prompts: list[str]) -> bytes:
     Raises:
         ValidationError: if the list is empty, too long, or holds an invalid prompt.
     """
-    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPT_CHUNK_SIZE:
-        raise ValidationError(f"must be a list of 1..{MAX_PROMPT_CHUNK_SIZE:,} prompts",
-                              field="prompt_chunk")
-    for i, prompt in enumerate(prompts):
-        problem = prompt_problem(prompt)
-        if problem is not None:
-            raise ValidationError(f"index {i}: prompt {problem}", field="prompt_chunk")
+    _check_chunk(prompts, f"a list of 1..{MAX_PROMPT_CHUNK_SIZE:,} prompts")
     return json.dumps(prompts, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
@@ -368,14 +362,22 @@ def decode_prompt_chunk(data: bytes) -> list[str]:
         value = json.loads(bytes(data).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValidationError(f"is not a UTF-8 JSON array: {e}", field="prompt_chunk") from None
-    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PROMPT_CHUNK_SIZE:
-        raise ValidationError(f"must be a JSON array of 1..{MAX_PROMPT_CHUNK_SIZE:,} strings",
-                              field="prompt_chunk")
-    for i, prompt in enumerate(value):
+    return _check_chunk(value, f"a JSON array of 1..{MAX_PROMPT_CHUNK_SIZE:,} strings")
+
+
+def _check_chunk(prompts: object, expected: str) -> list[str]:
+    """``prompts`` if it is a list of 1..MAX_PROMPT_CHUNK_SIZE valid prompts.
+
+    Raises:
+        ValidationError: ``field="prompt_chunk"``: "must be {expected}", or the first invalid prompt.
+    """
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= MAX_PROMPT_CHUNK_SIZE:
+        raise ValidationError(f"must be {expected}", field="prompt_chunk")
+    for i, prompt in enumerate(prompts):
         problem = prompt_problem(prompt)
         if problem is not None:
             raise ValidationError(f"index {i}: prompt {problem}", field="prompt_chunk")
-    return value
+    return prompts
 
 
 def prompt_chunk_key(chunk_index: int) -> str:

@@ -94,14 +94,8 @@ class FileStore(Closing):
 
     # ---- writing
 
-    def put_bytes(
-        self,
-        key: str,
-        data: bytes,
-        content_type: str = "application/octet-stream",
-        *,
-        metadata: Mapping[str, str] | None = None,
-    ) -> PutResult:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream", *,
+                  metadata: Mapping[str, str] | None = None) -> PutResult:
         """Write ``data`` to ``key`` atomically (temporary file, fsync, ``os.replace``).
 
         ``content_type`` and ``metadata`` are accepted for interface parity and

@@ -259,14 +259,8 @@ class S3Store(Closing):
 
     # ---- writing
 
-    def put_bytes(
-        self,
-        key: str,
-        data: bytes,
-        content_type: str = "application/octet-stream",
-        *,
-        metadata: Mapping[str, str] | None = None,
-    ) -> PutResult:
+    def put_bytes(self, key: str, data: bytes, content_type: str = "application/octet-stream", *,
+                  metadata: Mapping[str, str] | None = None) -> PutResult:
         """Write ``data`` to ``key``, recording its sha256 as metadata ``sha256``.
 
         Below ``s3_multipart_threshold_bytes`` this is one ``PutObject`` with a

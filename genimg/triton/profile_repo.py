@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genimg.errors import ModelError
-from genimg.models.fetch import resolve_onnx
+from genimg.models.fetch import resolve_onnx, sha256_file
 from genimg.profiles.registry import Profiles
 from genimg.profiles.schema import ModelProfile
 from genimg.profiles.tensors import output_bindings
@@ -81,15 +81,6 @@ def onnx_signature(path: Path) -> tuple[list[OnnxTensor], list[OnnxTensor]]:
         return OnnxTensor(t.name, ORT_DTYPES[t.type], dims or (1,), flat=not dims)
 
     return [one(t) for t in sess.get_inputs()], [one(t) for t in sess.get_outputs()]
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _set_version(cfg, sha: str) -> None:

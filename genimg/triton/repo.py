@@ -44,6 +44,7 @@ from pathlib import Path
 from genimg import contract
 from genimg.contract import ModelSpec, TensorSpec
 from genimg.errors import ConfigError, ModelError, ValidationError
+from genimg.models.fetch import sha256_file
 from genimg.profiles.registry import Profiles, load_profiles
 from genimg.triton.profile_repo import VERSION_PARAMETER, build_profile_models
 
@@ -170,14 +171,6 @@ def read_config(path: str | os.PathLike[str]):
     return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_onnx(path: Path, spec: ModelSpec) -> None:
     """Check that an ONNX file has the contract's tensor names (skipped where ``onnx`` is not installed).
 
@@ -216,7 +209,7 @@ def ensure_onnx(cache_dir: str | os.PathLike[str] | None = None, weights_dir: Pa
     out = Path(cache_dir) if cache_dir else Path(ModelSettings.from_env().cache_dir) / "onnx"
     stamp = out / "weights.sha256.json"
     files = sorted(weights.glob("*.safetensors"))
-    want = {p.name: _sha256(p) for p in files}
+    want = {p.name: sha256_file(p) for p in files}
     if stamp.is_file() and json.loads(stamp.read_text()) == want and all(
             (out / m.onnx_file).is_file() for m in contract.MODELS.values() if m.onnx_file):
         return out
@@ -300,7 +293,7 @@ def _write_expander(out: Path, pb, flavor: str, max_batch_size: int) -> str:
     for name in EXPANDER_FILES:
         shutil.copyfile(src / name, version / name)
     cfg = expander_config(pb, flavor, max_batch_size)
-    parts = {name: _sha256(version / name) for name in ("model.py", *EXPANDER_FILES)}
+    parts = {name: sha256_file(version / name) for name in ("model.py", *EXPANDER_FILES)}
     parts["parameters"] = json.dumps({k: v.string_value for k, v in sorted(cfg.parameters.items())})
     sha = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     cfg.parameters[VERSION_PARAMETER].string_value = sha
@@ -405,13 +398,13 @@ def _build_into(out: Path, flavor: str, onnx_dir, genimg_models: bool, tokenizer
         if flavor == "cpu" or name == "text_encoder":
             src = onnx / str(spec.onnx_file)
             _copy_python_model(mdir, "text_encoder.py" if name == "text_encoder" else "onnx_model.py", src)
-            shas[name] = _sha256(src)
+            shas[name] = sha256_file(src)
         else:
             (mdir / "1").mkdir(parents=True, exist_ok=True)
             plan = Path(plan_dir) / f"{name}.plan" if plan_dir else None
             if plan is not None and plan.is_file():
                 shutil.copyfile(plan, mdir / "1" / "model.plan")
-                shas[name] = _sha256(plan)
+                shas[name] = sha256_file(plan)
         if name == "text_encoder":
             assert tokenizer_json is not None
             shutil.copyfile(tokenizer_json, mdir / "1" / "tokenizer.json")
