@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
@@ -37,6 +37,9 @@ EXIT_JOB_FAILED = 1
 EXIT_INVALID = 2
 EXIT_UNAVAILABLE = 3
 EXIT_TIMEOUT = 124
+
+if TYPE_CHECKING:
+    from producer.job import JobStatus
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -100,6 +103,14 @@ def _client(redis_url: str | None, queue: str | None, key_prefix: str | None) ->
 
 def _print_json(doc: Any) -> None:
     typer.echo(json.dumps(doc, indent=None, sort_keys=True, default=str))
+
+
+def _show(st: JobStatus, as_json: bool) -> None:
+    """A job's status on stdout: its JSON, or one line."""
+    if as_json:
+        _print_json(st.to_dict())
+    else:
+        typer.echo(_status_line(st))
 
 
 def _status_line(st: Any) -> str:
@@ -268,11 +279,7 @@ def status(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, r
     Example: genimg status 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910 --json
     """
     with _client(redis_url, queue, key_prefix) as client:
-        st = client.job(job_id, output=output).status()
-        if as_json:
-            _print_json(st.to_dict())
-        else:
-            typer.echo(_status_line(st))
+        _show(client.job(job_id, output=output).status(), as_json)
 
 
 def wait(job_id: JobId, output: OutputHint = None, timeout_s: TimeoutS = None, no_progress: NoProgress = False,
@@ -286,10 +293,7 @@ def wait(job_id: JobId, output: OutputHint = None, timeout_s: TimeoutS = None, n
         with _client(redis_url, queue, key_prefix) as client:
             st = client.job(job_id, output=output).wait(progress=not no_progress and not as_json,
                                                         timeout_s=timeout_s)
-        if as_json:
-            _print_json(st.to_dict())
-        else:
-            typer.echo(_status_line(st))
+        _show(st, as_json)
     raise typer.Exit(_final_exit(st))
 
 
@@ -301,11 +305,7 @@ def cancel(job_id: JobId, output: OutputHint = None, as_json: JsonOut = False, r
     Example: genimg cancel 3f2a9c0e4b7d4c1a9e8f6d5c4b3a2910
     """
     with _client(redis_url, queue, key_prefix) as client:
-        st = client.job(job_id, output=output).cancel()
-        if as_json:
-            _print_json(st.to_dict())
-        else:
-            typer.echo(_status_line(st))
+        _show(client.job(job_id, output=output).cancel(), as_json)
 
 
 @_guarded
