@@ -211,31 +211,15 @@ class Client:
                 log.warning("skipping job %s: %s", job_id, e)
         return out
 
-    def submit(
-        self,
-        prompts: str | os.PathLike[str] | Iterable[str] | None = None,
-        *,
-        count: int | None = None,
-        model: str | None = None,
-        params: Mapping[str, Any] | None = None,
-        negative_prompt: str | None = None,
-        images_per_prompt: int | None = None,
-        output: str | None = None,
-        seed: int | None = None,
-        image_format: str | None = None,
-        quality: int | None = None,
-        shard_size: int | None = None,
-        sub_batch_size: int | None = None,
-        upscale: bool | None = None,
-        priority: int | str | None = None,
-        name: str | None = None,
-        idempotency_key: str | None = None,
-        prompt_column: str | None = None,
-        prompt_format: str | None = None,
-        prompt_chunk_size: int | None = None,
-        manifest_part_shards: int | None = None,
-        expand: Mapping[str, Any] | None = None,
-    ) -> Job:
+    def submit(self, prompts: str | os.PathLike[str] | Iterable[str] | None = None, *, count: int | None = None,
+               model: str | None = None, params: Mapping[str, Any] | None = None,
+               negative_prompt: str | None = None, images_per_prompt: int | None = None, output: str | None = None,
+               seed: int | None = None, image_format: str | None = None, quality: int | None = None,
+               shard_size: int | None = None, sub_batch_size: int | None = None, upscale: bool | None = None,
+               priority: int | str | None = None, name: str | None = None, idempotency_key: str | None = None,
+               prompt_column: str | None = None, prompt_format: str | None = None,
+               prompt_chunk_size: int | None = None, manifest_part_shards: int | None = None,
+               expand: Mapping[str, Any] | None = None) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
         Give ``prompts`` (a text profile: a list or iterable of str, or a path to a
