@@ -1,4 +1,5 @@
-"""The one Celery task: ``genimg.generate_shard(job_id, shard_index)``.
+"""The one Celery task: ``genimg.generate_shard(job_id, shard_index)``; the shard's lifecycle is
+:func:`genimg.lifecycle.process_shard`, and this task maps its outcome to ack, retry or fail.
 
 Errors are decided on genimg's own types: a :class:`~genimg.errors.RetryableError`
 (Triton or S3 unavailable, a timeout, Redis down) retries the shard with
@@ -22,11 +23,10 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from genimg import jobs, metrics
+from genimg import metrics
 from genimg.errors import GenImgError, InferenceUnavailableError, PermanentError, RetryableError
 from genimg.layout import JOB_ID_RE
-from genimg.pipeline import count_committed, result_from_index, run_shard
-from genimg.shards import is_committed, read_shard_index
+from genimg.lifecycle import fail_shard, process_shard
 from workers.app import SETTINGS, app, context, drop_inference_client
 
 log = logging.getLogger(__name__)
@@ -83,31 +83,9 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         log.error("shard index out of range", extra=fields)
         return {"status": "rejected", "reason": "shard_out_of_range", **fields}
     try:
-        if jobs.is_cancelled(ctx.redis, ctx.keys, job_id):
-            return {"status": "cancelled", **fields}
-        store, layout = ctx.store_for(spec)
-        if is_committed(store, layout, shard_index):
-            done = result_from_index(spec, shard_index, read_shard_index(store, layout, shard_index))
-            if jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, done.items_ok, done.items_failed):
-                count_committed(done, spec.image_format)  # its run died between commit and count
-            _compact(ctx, store, layout, spec, shard_index)
-            jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
-            return {"status": "already_committed", **fields}
-        jobs.mark_running(ctx.redis, ctx.keys, job_id, shard_index, ctx.hostname)
-        metrics.SHARDS_IN_FLIGHT.inc()
-        try:
-            result = run_shard(spec, shard_index, store=store, layout=layout, infer=ctx.infer,
-                               infer_inflight=SETTINGS.infer_inflight,
-                               encode_threads=max(1, SETTINGS.upload_threads // 2))
-        finally:
-            metrics.SHARDS_IN_FLIGHT.dec()
-        if jobs.mark_done(ctx.redis, ctx.keys, job_id, shard_index, result.items_ok, result.items_failed):
-            count_committed(result, spec.image_format)
-        log.info("shard committed ok=%d failed=%d seconds=%.2f", result.items_ok, result.items_failed,
-                 result.seconds["shard"], extra=fields)
-        _compact(ctx, store, layout, spec, shard_index)
-        jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
-        return {"status": "committed", "ok": result.items_ok, "failed": result.items_failed, **fields}
+        return process_shard(ctx.redis, ctx.keys, spec, shard_index, stores=ctx.store_for, infer=ctx.infer,
+                             worker=ctx.hostname, infer_inflight=SETTINGS.infer_inflight,
+                             encode_threads=max(1, SETTINGS.upload_threads // 2))
     except (RetryableError, SoftTimeLimitExceeded) as e:
         reason = _reason(e)
         now = time.time()
@@ -115,7 +93,8 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         spent = now - since
         if spent >= SETTINGS.retry_budget_s:
             budget = f" (retried for {spent:.0f} s, budget GENIMG_RETRY_BUDGET_S={SETTINGS.retry_budget_s:g})"
-            return _fail(ctx, spec, shard_index, f"retries_exhausted:{reason}", e, detail=budget)
+            return fail_shard(ctx.redis, ctx.keys, spec, shard_index, f"retries_exhausted:{reason}", e,
+                              stores=ctx.store_for, detail=budget)
         if isinstance(e, InferenceUnavailableError):
             drop_inference_client()
         metrics.SHARDS_RETRIED.labels(reason).inc()
@@ -124,39 +103,5 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
                     countdown, spent, SETTINGS.retry_budget_s, e, extra=fields)
         raise self.retry(exc=e, countdown=countdown, kwargs={"retry_since": since}) from None
     except (PermanentError, GenImgError) as e:
-        return _fail(ctx, spec, shard_index, _reason(e), e)
+        return fail_shard(ctx.redis, ctx.keys, spec, shard_index, _reason(e), e, stores=ctx.store_for)
 
-
-def _compact(ctx, store, layout, spec, shard_index: int) -> None:
-    """Write the manifest part of a range this shard completed; the finaliser writes it if this fails."""
-    try:
-        jobs.compact_part_if_complete(ctx.redis, ctx.keys, store, layout, spec, shard_index)
-    except GenImgError as e:
-        log.warning("manifest part not compacted (the finaliser will write it): %s", e,
-                    extra={"job_id": spec.job_id, "shard": shard_index})
-
-
-def _fail(ctx, spec, shard_index: int, reason: str, e: BaseException, detail: str = "") -> dict:
-    """Record a shard as failed (reason kept), count it, and let the job finish without it.
-
-    A shard whose index exists was committed by another run (a redelivered
-    duplicate, or a run whose upload the finaliser aborted): its commit marker
-    wins and this run's failure is not recorded.
-    """
-    try:
-        store, layout = ctx.store_for(spec)
-        if is_committed(store, layout, shard_index):
-            log.warning("shard run failed after another run committed it (%s); keeping the commit", reason,
-                        extra={"job_id": spec.job_id, "shard": shard_index})
-            return {"status": "already_committed", "job_id": spec.job_id, "shard": shard_index}
-    except GenImgError:
-        pass  # storage unreachable: record the failure; resume re-runs the shard
-    log.error("shard failed: %s: %s%s", reason, e, detail, extra={"job_id": spec.job_id, "shard": shard_index})
-    metrics.SHARDS_FAILED.labels(reason.split(":")[0]).inc()
-    jobs.mark_failed(ctx.redis, ctx.keys, spec.job_id, shard_index, f"{reason}: {e}{detail}")
-    try:
-        store, layout = ctx.store_for(spec)
-        jobs.finalize_if_complete(ctx.redis, ctx.keys, store, layout, spec)
-    except GenImgError as fe:
-        log.warning("finalise after failure deferred: %s", fe, extra={"job_id": spec.job_id})
-    return {"status": "failed", "reason": reason, "job_id": spec.job_id, "shard": shard_index}
