@@ -185,6 +185,74 @@ def recent_job_ids(r: redis.Redis, keys: Keys, limit: int) -> list[str]:
     return [raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw) for raw in ids]
 
 
+@_redis_op("list jobs")
+def all_job_ids(r: redis.Redis, keys: Keys) -> list[str]:
+    """Ids of every job Redis knows, oldest first."""
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in r.zrange(keys.jobs, 0, -1)]
+
+
+@dataclass(frozen=True)
+class JobFlags:
+    """What the reconciler reads of each job first: finalised, cancelled, and its finished-shard counts."""
+
+    finalised: bool
+    cancelled: bool
+    shards_done: int
+    shards_failed: int
+
+
+@_redis_op("read job flags")
+def job_flags(r: redis.Redis, keys: Keys, job_ids: list[str]) -> list[JobFlags]:
+    """:class:`JobFlags` of each job, in order (one pipelined round trip)."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.exists(keys.job(job_id, "summary"))
+        pipe.get(keys.job(job_id, "state"))
+        pipe.hlen(keys.job(job_id, "done"))
+        pipe.hlen(keys.job(job_id, "failed"))
+    answers = pipe.execute()
+    return [JobFlags(bool(summary), state == b"cancelled", int(done), int(failed))
+            for summary, state, done, failed in (answers[4 * i:4 * i + 4] for i in range(len(job_ids)))]
+
+
+@_redis_op("read finished shards")
+def finished_shards(r: redis.Redis, keys: Keys, job_ids: list[str]) -> dict[str, set[int]]:
+    """``{job_id: shards done or failed}`` (O(shards) per job, one pipelined round trip)."""
+    pipe = r.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hkeys(keys.job(job_id, "done"))
+        pipe.hkeys(keys.job(job_id, "failed"))
+    answers = pipe.execute()
+    return {job_id: {int(s) for s in answers[2 * i]} | {int(s) for s in answers[2 * i + 1]}
+            for i, job_id in enumerate(job_ids)}
+
+
+@_redis_op("read finished shards")
+def unfinished(r: redis.Redis, keys: Keys, job_id: str, shards: list[int]) -> list[bool]:
+    """For each shard, whether it is neither done nor failed (one pipelined round trip)."""
+    pipe = r.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hexists(keys.job(job_id, "done"), str(shard))
+        pipe.hexists(keys.job(job_id, "failed"), str(shard))
+    flags = pipe.execute()
+    return [not (flags[2 * i] or flags[2 * i + 1]) for i in range(len(shards))]
+
+
+@_redis_op("count heals")
+def count_heals(r: redis.Redis, keys: Keys, job_id: str, shards: list[int]) -> list[int]:
+    """Add one to each shard's reconciler re-enqueue count; returns the new counts."""
+    pipe = r.pipeline(transaction=False)
+    for shard in shards:
+        pipe.hincrby(keys.job(job_id, "healed"), str(shard), 1)
+    return [int(n) for n in pipe.execute()]
+
+
+@_redis_op("clear running")
+def clear_running(r: redis.Redis, keys: Keys, job_id: str, shards: list[int]) -> None:
+    """Forget the running records of shards about to be re-enqueued."""
+    r.hdel(keys.job(job_id, "running"), *[str(s) for s in shards])
+
+
 @_redis_op("claim idempotency key")
 def claim_idempotency_key(r: redis.Redis, keys: Keys, key: str, job_id: str, ttl_s: int) -> bool:
     """Claim ``key`` for ``job_id`` for ``ttl_s`` seconds (``SET NX EX``); False when it is claimed already."""

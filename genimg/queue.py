@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ KOMBU_SEP = "\x06\x16"
 """kombu's separator between a queue name and its priority step."""
 UNACKED_KEY = "unacked"
 """kombu's hash of delivered-but-unacknowledged messages (acks late: reserved or running)."""
+LRANGE_PAGE = 1_000
+"""Queue entries read per ``LRANGE`` (:func:`queued_shards`)."""
 
 
 # --------------------------------------------------------------------------- Celery configuration
@@ -166,6 +169,32 @@ def send_shards(app: Any, queue: str, job_id: str, celery_priority: int, shards:
                               producer=producer, ignore_result=True, declare=None if sent == 0 else [])
                 sent += 1
     return sent
+
+
+def queued_shards(client: redis.Redis, queue: str, wanted: set[str]) -> dict[str, set[int]]:
+    """Shards of ``wanted`` jobs that have a message waiting (any priority list of ``queue``) or unacknowledged.
+
+    Raises:
+        QueueUnavailableError: Redis is unreachable.
+    """
+    present: dict[str, set[int]] = defaultdict(set)
+    with redis_errors(f"reading the messages of queue {queue}"):
+        for name in priority_lists(queue):
+            start = 0
+            while True:
+                page = client.lrange(name, start, start + LRANGE_PAGE - 1)
+                for raw in page:
+                    found = shard_of_waiting(raw)
+                    if found is not None and found[0] in wanted:
+                        present[found[0]].add(found[1])
+                if len(page) < LRANGE_PAGE:
+                    break
+                start += LRANGE_PAGE  # pushes at the head shift entries right: re-read, never skipped
+        for _, raw in client.hscan_iter(UNACKED_KEY, count=500):
+            found = shard_of_unacked(raw, queue)
+            if found is not None and found[0] in wanted:
+                present[found[0]].add(found[1])
+    return present
 
 
 def shard_of_message(message: Any) -> tuple[str, int] | None:

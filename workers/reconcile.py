@@ -61,15 +61,7 @@ from pydantic import Field
 from genimg import jobs
 from genimg.errors import ConfigError, GenImgError, QueueUnavailableError
 from genimg.jobs import Keys
-from genimg.queue import (
-    UNACKED_KEY,
-    celery_priority,
-    describe_redis_error,
-    priority_lists,
-    send_shards,
-    shard_of_unacked,
-    shard_of_waiting,
-)
+from genimg.queue import celery_priority, describe_redis_error, queued_shards, send_shards
 from genimg.settings import GenimgSettings, WorkerSettings, stranded_after_s
 from genimg.spec import JobSpec
 
@@ -77,8 +69,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9181
 """TCP port of ``genimg reconcile``'s /metrics unless told otherwise."""
-LRANGE_PAGE = 1_000
-"""Queue entries read per ``LRANGE``."""
 STRANDED_BUCKETS_S = (5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600, 900, 1800, 3600)
 
 
@@ -200,6 +190,9 @@ class Reconciler:
                 self.metrics.stranded.clear()
                 return PassReport(leader=False)
             report = self._pass()
+        except QueueUnavailableError:
+            self.metrics.leader.set(0)
+            raise
         except (redis.RedisError, OperationalError, KombuError, OSError) as e:
             self.metrics.leader.set(0)
             raise QueueUnavailableError(f"Redis unavailable during a reconcile pass: {describe_redis_error(e)}") from e
@@ -216,15 +209,11 @@ class Reconciler:
         if not unfinished:
             self.first_seen.clear()
             return report
-        present = self._queued_shards(set(unfinished))  # lists and unacked first, then done/failed
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in unfinished:
-            pipe.hkeys(self.keys.job(job_id, "done"))
-            pipe.hkeys(self.keys.job(job_id, "failed"))
-        answers = pipe.execute()
+        present = queued_shards(self.r, self.queue, set(unfinished))  # lists and unacked first, then done/failed
+        finished_of = jobs.finished_shards(self.r, self.keys, list(unfinished))
         stranded_now: set[tuple[str, int]] = set()
-        for i, (job_id, spec) in enumerate(unfinished.items()):
-            finished = {int(s) for s in answers[2 * i]} | {int(s) for s in answers[2 * i + 1]}
+        for job_id, spec in unfinished.items():
+            finished = finished_of[job_id]
             queued = present.get(job_id, set())
             for shard in range(spec.shard_plan().num_shards):
                 if shard not in finished and shard not in queued:
@@ -245,24 +234,16 @@ class Reconciler:
 
     def _unfinished_jobs(self, now: float, report: PassReport) -> dict[str, JobSpec]:
         """Specs of the jobs with shards neither done nor failed (not cancelled); finalise finished ones."""
-        ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self.r.zrange(self.keys.jobs, 0, -1)]
-        pipe = self.r.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.exists(self.keys.job(job_id, "summary"))
-            pipe.get(self.keys.job(job_id, "state"))
-            pipe.hlen(self.keys.job(job_id, "done"))
-            pipe.hlen(self.keys.job(job_id, "failed"))
-        answers = pipe.execute()
+        ids = jobs.all_job_ids(self.r, self.keys)
         out: dict[str, JobSpec] = {}
         finished_ids = set()
-        for i, job_id in enumerate(ids):
-            summary, state, done, failed = answers[4 * i:4 * i + 4]
-            if summary or state == b"cancelled":
+        for job_id, flags in zip(ids, jobs.job_flags(self.r, self.keys, ids), strict=True):
+            if flags.finalised or flags.cancelled:
                 continue
             spec = self._spec(job_id)
             if spec is None:
                 continue
-            if done + failed >= spec.shard_plan().num_shards:
+            if flags.shards_done + flags.shards_failed >= spec.shard_plan().num_shards:
                 finished_ids.add(job_id)
                 first = self.finished_seen.setdefault(job_id, now)
                 if now - first >= self.bound_s and self._finalise(spec):
@@ -274,7 +255,7 @@ class Reconciler:
 
     def _spec(self, job_id: str) -> JobSpec | None:
         if job_id not in self._specs:
-            raw = self.r.get(self.keys.job(job_id, "spec"))
+            raw = jobs.read_spec_json(self.r, self.keys, job_id)
             if raw is None:
                 return None  # Redis lost the job: only `genimg resume --output …` can bring it back
             try:
@@ -284,46 +265,19 @@ class Reconciler:
                 return None
         return self._specs[job_id]
 
-    def _queued_shards(self, wanted: set[str]) -> dict[str, set[int]]:
-        """Shards of ``wanted`` jobs that have a message waiting (any priority list) or unacknowledged."""
-        present: dict[str, set[int]] = defaultdict(set)
-        for name in priority_lists(self.queue):
-            start = 0
-            while True:
-                page = self.r.lrange(name, start, start + LRANGE_PAGE - 1)
-                for raw in page:
-                    found = shard_of_waiting(raw)
-                    if found is not None and found[0] in wanted:
-                        present[found[0]].add(found[1])
-                if len(page) < LRANGE_PAGE:
-                    break
-                start += LRANGE_PAGE  # pushes at the head shift entries right: re-read, never skipped
-        for _, raw in self.r.hscan_iter(UNACKED_KEY, count=500):
-            found = shard_of_unacked(raw, self.queue)
-            if found is not None and found[0] in wanted:
-                present[found[0]].add(found[1])
-        return present
-
     # ---- actions
 
     def _heal(self, spec: JobSpec, shards: list[tuple[int, float]], report: PassReport) -> None:
         job_id = spec.job_id
-        pipe = self.r.pipeline(transaction=False)
-        for shard, _ in shards:
-            pipe.hexists(self.keys.job(job_id, "done"), str(shard))
-            pipe.hexists(self.keys.job(job_id, "failed"), str(shard))
-        flags = pipe.execute()
-        todo = [(s, t) for i, (s, t) in enumerate(shards) if not (flags[2 * i] or flags[2 * i + 1])]
+        open_ = jobs.unfinished(self.r, self.keys, job_id, [s for s, _ in shards])
+        todo = [(s, t) for (s, t), still in zip(shards, open_, strict=True) if still]
         if not todo:
             return
-        pipe = self.r.pipeline(transaction=False)
-        for shard, _ in todo:
-            pipe.hincrby(self.keys.job(job_id, "healed"), str(shard), 1)
-        counts = pipe.execute()
+        counts = jobs.count_heals(self.r, self.keys, job_id, [s for s, _ in todo])
         requeue = [(s, t, n) for (s, t), n in zip(todo, counts, strict=True) if n <= self.settings.reconcile_max_heals]
         give_up = [(s, t, n) for (s, t), n in zip(todo, counts, strict=True) if n > self.settings.reconcile_max_heals]
         if requeue:
-            self.r.hdel(self.keys.job(job_id, "running"), *[str(s) for s, _, _ in requeue])
+            jobs.clear_running(self.r, self.keys, job_id, [s for s, _, _ in requeue])
             send_shards(self.app, self.queue, job_id, celery_priority(spec.priority), [s for s, _, _ in requeue])
             for shard, stranded_s, n in requeue:
                 log.warning("re-enqueued stranded shard job=%s shard=%d stranded_s=%.1f heal=%d/%d", job_id, shard,
