@@ -2,7 +2,7 @@
 
 A txt2img job's prompts are never held in memory whole: :func:`iter_prompts`
 reads a list, a text file, JSONL, CSV or Parquet one prompt at a time and
-validates each (:func:`genimg.spec.prompt_problem`); :func:`chunk_prompts` cuts
+validates each (:func:`genimg.limits.prompt_problem`); :func:`chunk_prompts` cuts
 the stream into lists of ``prompt_chunk_size``; the producer stores each list
 with :func:`encode_prompt_chunk` under :func:`prompt_chunk_key` (relative to
 ``JobSpec.job_prefix``); a worker fetches only the chunks its shard needs

@@ -1,6 +1,6 @@
 """The job manifest: one row per item, as Parquet parts that each cover a fixed range of shards.
 
-Layout under ``{job_prefix}/manifest/`` (see :class:`genimg.shards.Layout`)::
+Layout under ``{job_prefix}/manifest/`` (see :class:`genimg.layout.Layout`)::
 
     part-00000.parquet     the rows of shards [0, R): every committed index, one row per item
     _part-00000.json       that part's summary, written after it (the part's commit marker)
@@ -14,7 +14,7 @@ indexes (:func:`genimg.index.dedupe_index`: one row per item index, an
 ``ok`` row wins) with the job's schema (:func:`job_schema`), written with the
 index's fixed codec, so the same shards give byte-identical parts. Item
 indices of different shards never overlap (a shard holds exactly its
-:class:`~genimg.spec.ShardPlan` range), so de-duplicating each part
+:class:`~genimg.shardplan.ShardPlan` range), so de-duplicating each part
 de-duplicates the manifest, and parts concatenated in order are sorted by
 item index.
 

@@ -159,14 +159,14 @@ class JobSpec(BaseModel):
             that reusing an idempotency key with other prompts is a conflict, not the old job.
         prompt_chunk_size: text profiles only: prompts per stored chunk, 1..10,000.
         images_per_prompt: 1..64 for text profiles; must be 1 for noise profiles.
-        seed: job seed, 0..2**63-1; item seeds derive from it (:func:`item_seed`).
-        output: normalised output URL (:func:`validate_output_url`); the job's
+        seed: job seed, 0..2**63-1; item seeds derive from it (:func:`genimg.seeds.item_seed`).
+        output: normalised output URL (:func:`genimg.urls.validate_output_url`); the job's
             files live under ``{output}/{job_id}/``.
         image_format: ``png``, ``webp`` or ``jpeg``.
         quality: 1..100, for lossy webp and jpeg (png ignores it).
         shard_size: items per shard, 1..10,000; at most ``MAX_SHARDS`` shards.
         manifest_part_shards: shards per manifest part, 1..1,000 (:mod:`genimg.manifest`);
-            derived at submit from ``shard_size`` (:func:`manifest_part_shards_for`), stored so
+            derived at submit from ``shard_size`` (:func:`genimg.shardplan.manifest_part_shards_for`), stored so
             that every worker and finaliser cuts the same parts; at most ``MAX_MANIFEST_PARTS`` parts.
         sub_batch_size: items per Triton request, 1..256.
         upscale: run the named profile (true) or its ``without_upscale`` variant (false).
@@ -430,7 +430,7 @@ class JobSpec(BaseModel):
         return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
 
     def shard_plan(self) -> ShardPlan:
-        """The job's shards (see :func:`plan_shards`)."""
+        """The job's shards (see :func:`genimg.shardplan.plan_shards`)."""
         return plan_shards(self.total_items, self.shard_size)
 
 

@@ -251,7 +251,7 @@ class Client:
             prompt_format: ``text``, ``jsonl``, ``csv`` or ``parquet`` (default from the suffix).
             prompt_chunk_size: prompts per stored chunk (default 1,000).
             manifest_part_shards: shards per manifest part, 1..1,000 (default: about 100,000
-                rows a part, see :func:`genimg.spec.manifest_part_shards_for`).
+                rows a part, see :func:`genimg.shardplan.manifest_part_shards_for`).
             expand: prompt expansion (:mod:`genimg.expand`): ``{"template": "{a|b} {prompt}",
                 "model": "prompt_expander" or None, "instruction": "... {text} ...",
                 "max_new_tokens": 48, "temperature": 0.7, "per": "prompt", "wildcards_dir": "dir"}``;
