@@ -10,54 +10,18 @@ does not give take the profile's default.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from genimg.errors import ValidationError
+from genimg.limits import short
+from genimg.profiles.schema import check_value
 
 if TYPE_CHECKING:
-    from genimg.profiles.schema import ModelProfile, ParamSpec
+    from genimg.profiles.schema import ModelProfile
 
 MAX_SWEEP_VALUES = 1_000
 """Most values one parameter's sweep list may hold."""
-
-
-def _short(value: object, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} chars)"
-
-
-def check_value(spec: ParamSpec, value: object, what: str) -> Any:
-    """Return ``value`` (a float parameter's int as float) if it fits ``spec``; else raise ``ValueError``.
-
-    Rules: the exact type (a bool is not an int, a str is not a number), finite
-    numbers inside ``[min, max]``, str within ``max_chars`` and ``choices``.
-    """
-    kind = spec.type
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"{what} must be a bool (true/false), got {_short(value)}")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"{what} must be a str, got {_short(value)}")
-        if len(value) > spec.max_chars:
-            raise ValueError(f"{what} is {len(value):,} characters; the limit is {spec.max_chars}")
-        if spec.choices is not None and value not in spec.choices:
-            raise ValueError(f"{what} must be one of {list(spec.choices)}, got {_short(value)}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what} must be {'an int' if kind == 'int' else 'a number'}, got {_short(value)}")
-    if kind == "int" and not isinstance(value, int):
-        raise ValueError(f"{what} must be an int, got {_short(value)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    if kind == "int" and abs(value) > 2**53:
-        raise ValueError(f"{what} must be within ±2**53 (exact in every JSON reader), got {value}")
-    if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
-        raise ValueError(f"{what} must be in [{spec.min}, {spec.max}], got {value}")
-    return float(value) if kind == "float" else value
 
 
 def resolve_params(profile: ModelProfile, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -78,13 +42,13 @@ def resolve_params(profile: ModelProfile, given: Mapping[str, Any] | None) -> di
     if given is None:
         given = {}
     if not isinstance(given, Mapping):
-        raise ValidationError(f"must be a mapping of parameter names to values, got {_short(given)}",
+        raise ValidationError(f"must be a mapping of parameter names to values, got {short(given)}",
                               field="params")
     for name in given:
         if not isinstance(name, str) or name not in profile.params:
             takes = ", ".join(profile.params) or "no parameters"
             raise ValidationError(f"is not a parameter of profile {profile.name!r} (it takes {takes})",
-                                  field=f"params.{_short(name, 40) if not isinstance(name, str) else name[:64]}")
+                                  field=f"params.{short(name, 40) if not isinstance(name, str) else name[:64]}")
     out: dict[str, Any] = {}
     for name, spec in profile.params.items():
         field = f"params.{name}"
@@ -128,7 +92,7 @@ def parse_cli_param(text: str, profile: ModelProfile | None) -> tuple[str, Any]:
     """
     key, sep, raw = text.partition("=")
     if not sep or not key:
-        raise ValidationError(f"expected key=value, got {_short(text)}", field="param")
+        raise ValidationError(f"expected key=value, got {short(text)}", field="param")
     spec = profile.params.get(key) if profile is not None else None
     parts: Sequence[str] = raw.split(",") if "," in raw and (spec is None or spec.type != "str") else [raw]
 

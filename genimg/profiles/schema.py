@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
+from genimg.limits import short
+
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 """Profile names: 1-64 of ``a-z 0-9 _ . -``, starting with a letter or digit."""
 TENSOR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:-]{0,127}$"
@@ -78,8 +80,6 @@ class ParamSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ParamSpec:
-        from genimg.profiles.params import check_value
-
         if self.type in ("int", "float"):
             for bound in (self.min, self.max):
                 if bound is not None and not math.isfinite(bound):
@@ -353,3 +353,35 @@ class ModelProfile(_Strict):
         return {"name": self.name, "task": self.task, "triton_model": self.triton_model, "image": size,
                 "params": params, "licence": self.licence, "source": self.source, "description": self.description,
                 "metadata": list(self.metadata), "without_upscale": self.without_upscale}
+
+
+def check_value(spec: ParamSpec, value: object, what: str) -> Any:
+    """Return ``value`` (a float parameter's int as float) if it fits ``spec``; else raise ``ValueError``.
+
+    Rules: the exact type (a bool is not an int, a str is not a number), finite
+    numbers inside ``[min, max]``, str within ``max_chars`` and ``choices``.
+    """
+    kind = spec.type
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{what} must be a bool (true/false), got {short(value)}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be a str, got {short(value)}")
+        if len(value) > spec.max_chars:
+            raise ValueError(f"{what} is {len(value):,} characters; the limit is {spec.max_chars}")
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"{what} must be one of {list(spec.choices)}, got {short(value)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be {'an int' if kind == 'int' else 'a number'}, got {short(value)}")
+    if kind == "int" and not isinstance(value, int):
+        raise ValueError(f"{what} must be an int, got {short(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+    if kind == "int" and abs(value) > 2**53:
+        raise ValueError(f"{what} must be within ±2**53 (exact in every JSON reader), got {value}")
+    if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+        raise ValueError(f"{what} must be in [{spec.min}, {spec.max}], got {value}")
+    return float(value) if kind == "float" else value
