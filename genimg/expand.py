@@ -363,10 +363,11 @@ class ShardExpander:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _done(value):
+def _done(value: dict[int, Expansion]) -> Future[dict[int, Expansion]]:
+    """A future that already holds ``value``."""
     from concurrent.futures import Future
 
-    f: Future = Future()
+    f: Future[dict[int, Expansion]] = Future()
     f.set_result(value)
     return f
 
