@@ -115,6 +115,10 @@ class Keys:
     def idem(self, key: str) -> str:
         return f"{self.prefix}:idem:{key}"
 
+    @property
+    def reconciler_lease(self) -> str:
+        return f"{self.prefix}:reconciler:lease"
+
 
 def _done_value(ok: int, failed: int) -> str:
     """A done-hash value: ``"ok_items,failed_items"`` (what :data:`_RECOUNT` parses)."""

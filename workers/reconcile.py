@@ -145,7 +145,7 @@ class Reconciler:
         self.storage = storage
         self.metrics = metrics or ReconcilerMetrics()
         self.name = f"reconciler-{uuid.uuid4().hex[:8]}"
-        self.lock = client.lock(f"{worker.key_prefix}:reconciler:lease", timeout=settings.reconcile_lease_s,
+        self.lock = client.lock(self.keys.reconciler_lease, timeout=settings.reconcile_lease_s,
                                 blocking=False, thread_local=False)
         self.first_seen: dict[tuple[str, int], float] = {}
         self.finished_seen: dict[str, float] = {}
