@@ -106,18 +106,25 @@ class Keys:
     prefix: str = "genimg"
 
     def job(self, job_id: str, part: str) -> str:
-        return f"{self.prefix}:job:{job_id}:{part}"
+        """``{p}:job:{id}:{part}`` (``part``: spec, done, failed, running, totals, state, healed, summary, ...)."""
+        return self._join("job", job_id, part)
 
     @property
     def jobs(self) -> str:
-        return f"{self.prefix}:jobs"
+        """``{p}:jobs``, the sorted set of job ids by submit time."""
+        return self._join("jobs")
 
     def idem(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
+        """``{p}:idem:{key}``, the job id an idempotency key names."""
+        return self._join("idem", key)
 
     @property
     def reconciler_lease(self) -> str:
-        return f"{self.prefix}:reconciler:lease"
+        """``{p}:reconciler:lease``, held by the ``genimg reconcile`` replica that acts."""
+        return self._join("reconciler", "lease")
+
+    def _join(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
 
 
 def _done_value(ok: int, failed: int) -> str:
