@@ -108,3 +108,29 @@ def test_keep_if_job_keeps_only_passing_images_attempt_0_items_match_the_plain_j
     members_c = {**_tar(store, layout_c, 0), **_tar(store, layout_c, 1)}
     assert len(members_c) == 2 * (COUNT - len(unmet))  # a kept image and its JSON per passing item, nothing else
     assert sum(_stats(store, layout_c, s)["failed_by_reason"].get(KEEP_IF_UNMET, 0) for s in (0, 1)) == len(unmet)
+
+
+def test_regenerated_text_items_keep_their_prompt_and_revised_prompt(stack, s3_bucket):
+    from producer import Client
+
+    prompts = [f"a handwritten {d}" for d in range(10)]
+    expand = {"template": "{prompt}, {bold|thin|slanted} strokes", "model": None, "per": "item"}
+    worker = stack.start_worker(GENIMG_CONCURRENCY=1)
+    worker.wait_ready()
+    with Client() as client:
+        common = dict(images_per_prompt=4, seed=SEED, shard_size=20, sub_batch_size=16, expand=expand)
+        plain = client.submit(prompts, output=f"s3://{s3_bucket}/text-plain", **common)
+        kept = client.submit(prompts, output=f"s3://{s3_bucket}/text-kept", keep_if="score >= 0.9", regenerate=32,
+                             **common)
+        st_plain, st_kept = (j.wait(progress=False, timeout_s=300) for j in (plain, kept))
+        a, b = plain.manifest().to_pylist(), kept.manifest().to_pylist()
+    assert st_plain.state == "succeeded" and st_kept.state == "succeeded", (st_plain, st_kept)
+    assert len(a) == len(b) == 40 and all(r["status"] == "ok" and r["score"] >= 0.9 for r in b)
+    regenerated = [r for r in b if r["tries"] > 1]
+    print(f"text keep_if: {len(b) - len(regenerated)}/40 passed at attempt 0, tries {sorted(r['tries'] for r in b)}")
+    assert regenerated  # else the test proves nothing
+    for old, new in zip(a, b):
+        assert (new["prompt"], new["source_prompt"], new["revised_prompt"]) == (
+            old["prompt"], old["source_prompt"], old["revised_prompt"])  # not re-expanded
+        assert new["seed"] == attempt_seed(SEED, new["item_index"], new["tries"] - 1)
+        assert (new["sha256"] == old["sha256"]) == (new["tries"] == 1)
