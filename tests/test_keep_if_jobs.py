@@ -12,6 +12,7 @@ from genimg.keepif import KEEP_IF_UNMET
 from genimg.seeds import attempt_seed, item_seed
 from genimg.shards import Layout, read_shard_index
 from genimg.storage import sha256_hex
+from tests.worker_support import scrape, total
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +86,8 @@ def test_keep_if_job_keeps_only_passing_images_attempt_0_items_match_the_plain_j
     for r in b:
         tries_hist[r["tries"]] = tries_hist.get(r["tries"], 0) + 1
     print(f"tries: {dict(sorted(tries_hist.items()))}, regenerations {regenerated}")
+    samples = scrape(worker.metrics_port)  # the three jobs' committed shards: only the kept job regenerated
+    assert total(samples, "genimg_regenerations_total", model="noise2img") == regenerated
 
     # a rerun of a shard, with another sub-batch size, writes the same bytes (and counts the same regenerations)
     with InferenceClient(triton_server.urls["grpc"], "grpc") as triton:
@@ -108,6 +111,7 @@ def test_keep_if_job_keeps_only_passing_images_attempt_0_items_match_the_plain_j
     members_c = {**_tar(store, layout_c, 0), **_tar(store, layout_c, 1)}
     assert len(members_c) == 2 * (COUNT - len(unmet))  # a kept image and its JSON per passing item, nothing else
     assert sum(_stats(store, layout_c, s)["failed_by_reason"].get(KEEP_IF_UNMET, 0) for s in (0, 1)) == len(unmet)
+    assert total(samples, "genimg_items_failed_total", reason=KEEP_IF_UNMET) == len(unmet)
 
 
 def test_regenerated_text_items_keep_their_prompt_and_revised_prompt(stack, s3_bucket):
