@@ -374,6 +374,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         return b
 
     rule = spec.keep_rule
+    spent: dict[int, float] = {}  # inference seconds of an item's earlier keep_if attempts
 
     def encode(b: _SubBatch) -> tuple[list[ShardItem], list[int]]:
         """The sub-batch's finished items, and the item indices that ``keep_if`` sends to the next round."""
@@ -399,7 +400,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         for j, idx in enumerate(b.indices):
             common = dict(item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
                           profile=profile.name, params=b.values[j], prompt=b.prompts[j],
-                          negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
+                          negative_prompt=spec.negative_prompt, infer_s=per_item_infer + spent.pop(int(idx), 0.0))
             if b.expansions is not None:  # prompt: the job's; revised_prompt: what the image model saw
                 e = b.expansions[j]
                 common["prompt"] = sources[int(idx)]
@@ -416,6 +417,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
             if rule is not None and not rule.passes(meta):
                 if b.attempt < spec.regenerate:
                     again.append(int(idx))  # made again next round, from its next seed
+                    spent[int(idx)] = float(common["infer_s"])  # type: ignore[arg-type]
                 else:  # the last seed tried, and its image's metadata
                     items.append(ShardItem(reason=KEEP_IF_UNMET, extra={**meta, **columns}, **common))
                 continue

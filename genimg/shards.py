@@ -238,7 +238,8 @@ class ShardItem:
 
     Attributes:
         item_index: global index in ``[0, 10**9)``.
-        seed: the item's derived seed, ``[0, 2**64)``.
+        seed: the seed of the item's image, ``[0, 2**64)``: its derived seed, or with ``keep_if`` the kept
+            attempt's (:func:`genimg.seeds.attempt_seed`).
         model: Triton model (ensemble) name.
         model_version: content hash of the served model files (or Triton's version).
         profile: the model profile's name.
