@@ -203,3 +203,26 @@ def test_cli_bad_filter_exits_2_naming_the_field_and_a_good_one_is_stored(shared
     assert res.exit_code == 0, (res.stdout, res.stderr)
     spec = env.client.load_spec(json.loads(res.stdout)["job_id"])
     assert (spec.keep_if, spec.regenerate) == ("score >= 0.95", 5) and len(env.messages()) == 1
+
+
+def test_an_idempotency_key_reused_with_another_filter_is_a_conflict_and_without_one_the_same_job(
+        shared_producer_env: ProducerEnv):
+    from genimg.errors import ConflictError
+    from genimg.jobs import SPEC_OBJECT
+
+    env = shared_producer_env
+    first = env.client.submit(count=20, output=env.output, idempotency_key="plain-20")
+    stored = json.loads(env.store.get_bytes(f"runs/{first.job_id}/{SPEC_OBJECT}"))
+    assert "keep_if" not in stored and "regenerate" not in stored  # job.json as before the filter existed
+    for change in ({"keep_if": "score >= 0.9"}, {"keep_if": "score >= 0.9", "regenerate": 2}):
+        with pytest.raises(ConflictError, match="keep_if"):
+            env.client.submit(count=20, output=env.output, idempotency_key="plain-20", **change)
+    assert env.client.submit(count=20, output=env.output, idempotency_key="plain-20").job_id == first.job_id
+    assert len(env.messages()) == 1
+    kept = env.client.submit(count=20, output=env.output, idempotency_key="kept-20", keep_if="score>=0.9",
+                             regenerate=2)
+    assert env.client.submit(count=20, output=env.output, idempotency_key="kept-20", keep_if="score >= 0.90",
+                             regenerate=2).job_id == kept.job_id  # the same rule, spelled otherwise
+    with pytest.raises(ConflictError, match="regenerate"):
+        env.client.submit(count=20, output=env.output, idempotency_key="kept-20", keep_if="score >= 0.9",
+                          regenerate=3)
