@@ -11,7 +11,10 @@ passes within ``1 + N`` tries is a failed item with reason ``keep_if_unmet``
 metadata, and the shard (and the job) still finishes.
 
 The column must be one of the profile's metadata columns of type ``int`` or
-``float``; a null value (a non-finite float) never passes.
+``float``; a null value (a non-finite float) never passes. Other failures are
+not regenerated: a non-finite image stays ``non_finite_output`` (retried once
+with the same seed, case C9: a model fault, not a quality miss) and a failed
+prompt expansion stays ``expansion_empty``/``expansion_too_long``.
 """
 
 from __future__ import annotations
