@@ -238,7 +238,8 @@ class ShardItem:
 
     Attributes:
         item_index: global index in ``[0, 10**9)``.
-        seed: the item's derived seed, ``[0, 2**64)``.
+        seed: the seed of the item's image, ``[0, 2**64)``: its derived seed, or with ``keep_if`` the kept
+            attempt's (:func:`genimg.seeds.attempt_seed`).
         model: Triton model (ensemble) name.
         model_version: content hash of the served model files (or Triton's version).
         profile: the model profile's name.
@@ -586,6 +587,7 @@ def commit_shard(
     *,
     stage_seconds: Mapping[str, float] | None = None,
     schema: pa.Schema | None = None,
+    extra_stats: Mapping[str, Any] | None = None,
 ) -> ShardCommit:
     """Upload a shard: the tar, then the stats JSON, then the index (the commit marker) last.
 
@@ -602,6 +604,8 @@ def commit_shard(
             ``infer``/``encode`` are summed from the items and ``upload`` measured here
             unless given.
         schema: the index schema when ``items`` are items (:func:`index_schema`).
+        extra_stats: more top-level keys for the stats JSON (JSON values), e.g. the
+            ``keep_if`` block of :func:`genimg.pipeline.keep_if_stats`.
 
     Returns:
         Keys written and the stats.
@@ -632,6 +636,7 @@ def commit_shard(
         "tar_bytes": tar_put.size_bytes,
         "tar_sha256": tar_put.sha256,
         "index_key": index_key,
+        **dict(extra_stats or {}),
     }
     stats_bytes = json.dumps(stats, sort_keys=True, separators=(",", ":")).encode("utf-8")
     store.put_bytes(layout.stats_key(shard_index), stats_bytes, "application/json")

@@ -37,6 +37,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, Vali
 
 from genimg.errors import ValidationError
 from genimg.expand import ExpandFieldError, ExpandSpec
+from genimg.keepif import KEEP_IF_COLUMNS, MAX_REGENERATE, KeepIf, check_column, parse_keep_if
 from genimg.profiles.params import resolve_params
 from genimg.profiles.registry import Profiles, load_profiles
 from genimg.profiles.schema import NAME_PATTERN, ModelProfile
@@ -344,6 +345,11 @@ class JobSpec(BaseModel):
         prompt_chunk_size: text profiles only: prompts per stored chunk, 1..10,000.
         images_per_prompt: 1..64 for text profiles; must be 1 for noise profiles.
         seed: job seed, 0..2**63-1; item seeds derive from it (:func:`item_seed`).
+        keep_if: the quality filter (:mod:`genimg.keepif`), ``"<column> <op> <number>"`` on one of the
+            profile's int or float metadata columns, e.g. ``"score >= 0.9"``; stored in canonical form.
+            ``None``: every image is kept.
+        regenerate: with ``keep_if``, extra seeds an item may try until its image passes, 0..64
+            (:func:`genimg.seeds.attempt_seed`); an item that never passes is failed ``keep_if_unmet``.
         output: normalised output URL (:func:`validate_output_url`); the job's
             files live under ``{output}/{job_id}/``.
         image_format: ``png``, ``webp`` or ``jpeg``.
@@ -377,6 +383,8 @@ class JobSpec(BaseModel):
     prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
     images_per_prompt: _Int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     seed: _Int = Field(default=0, ge=0, le=MAX_SEED)
+    keep_if: str | None = None
+    regenerate: _Int = Field(default=0, ge=0, le=MAX_REGENERATE)
     output: str = Field(max_length=MAX_OUTPUT_URL_CHARS)
     image_format: Literal["png", "webp", "jpeg"] = "png"
     quality: _Int = Field(default=95, ge=1, le=100)
@@ -448,8 +456,13 @@ class JobSpec(BaseModel):
             raise _from_pydantic(e) from e
 
     def to_json(self) -> str:
-        """The spec as compact JSON (fields in declaration order), as stored in ``job.json``."""
-        return self.model_dump_json()
+        """The spec as compact JSON (fields in declaration order), as stored in ``job.json``.
+
+        ``keep_if`` and ``regenerate`` are left out while unset, so a job without the
+        filter stores the same bytes as before the filter existed.
+        """
+        unset = {"keep_if", "regenerate"} if self.keep_if is None and self.regenerate == 0 else None
+        return self.model_dump_json(exclude=unset)
 
     # ---- validators
 
@@ -486,6 +499,11 @@ class JobSpec(BaseModel):
             if problem is not None:
                 raise ValueError(problem)
         return value
+
+    @pydantic.field_validator("keep_if")
+    @classmethod
+    def _check_keep_if(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_keep_if(value))
 
     @pydantic.field_validator("output")
     @classmethod
@@ -558,6 +576,15 @@ class JobSpec(BaseModel):
             problem = prompt_problem(self.expand.template.replace("{prompt}", ""))
             if problem is not None:
                 raise _FieldError("expand.template", problem)
+        if self.keep_if is not None:
+            try:
+                check_column(parse_keep_if(self.keep_if), {c: m.type for c, m in self.profile.metadata.items()},
+                             self.profile.name)
+            except ValueError as e:
+                raise _FieldError("keep_if", str(e)) from None
+        elif self.regenerate:
+            raise _FieldError("regenerate", f"is {self.regenerate} but there is no keep_if to regenerate for; "
+                                            "give keep_if (e.g. 'score >= 0.9') or leave regenerate at 0")
         if self.negative_prompt is not None and not any(
                 b.kind == "negative_prompt" for b in self.profile.inputs.values()):
             raise _FieldError("negative_prompt", f"profile {self.profile.name!r} takes no negative prompt")
@@ -592,6 +619,11 @@ class JobSpec(BaseModel):
         return (self.num_prompts or 0) * self.images_per_prompt
 
     @property
+    def keep_rule(self) -> KeepIf | None:
+        """The parsed ``keep_if`` (:class:`genimg.keepif.KeepIf`), or ``None`` without a filter."""
+        return None if self.keep_if is None else parse_keep_if(self.keep_if)
+
+    @property
     def job_prefix(self) -> str:
         """URL under which this job's files live: ``{output}/{job_id}``."""
         return f"{self.output}/{self.job_id}"
@@ -603,15 +635,20 @@ class JobSpec(BaseModel):
 
     @property
     def metadata_columns(self) -> dict[str, str]:
-        """The job's per-item columns after the index's own: the profile's metadata, then the expansion's.
+        """The job's per-item columns after the index's own: the profile's metadata, the expansion's, the filter's.
 
         Column name → declared type (``int``, ``float``, ``bool``, ``str``), in order
-        (:func:`genimg.shards.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
+        (:func:`genimg.shards.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`;
+        :data:`genimg.keepif.KEEP_IF_COLUMNS` with ``keep_if``).
         """
         from genimg.expand import EXPANSION_COLUMNS
 
         columns = {c: m.type for c, m in self.profile.metadata.items()}
-        return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
+        if self.expand is not None:
+            columns.update(EXPANSION_COLUMNS)
+        if self.keep_if is not None:
+            columns.update(KEEP_IF_COLUMNS)
+        return columns
 
     def shard_plan(self) -> ShardPlan:
         """The job's shards (see :func:`plan_shards`)."""

@@ -196,6 +196,12 @@ def submit(
     wildcards_dir: Annotated[Optional[Path], typer.Option(
         "--wildcards-dir", help="Directory of NAME.txt wildcard files (one option a line) the template uses.",
         show_default=False)] = None,
+    keep_if: Annotated[Optional[str], typer.Option(
+        "--keep-if", help="Keep only images whose metadata passes COLUMN OP NUMBER, e.g. 'score >= 0.9' "
+                          "(an int or float column of the profile; op: >= > <= < == !=).", show_default=False)] = None,
+    regenerate: Annotated[Optional[int], typer.Option(
+        "--regenerate", help="With --keep-if: extra seeds an item may try until it passes, 0-64 (default: 0); "
+                             "an item that never passes is failed keep_if_unmet.", show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
     timeout_s: TimeoutS = None,
     no_progress: NoProgress = False,
@@ -211,6 +217,8 @@ def submit(
     Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
 
     Example: genimg submit --model terrain --count 300 --param difficulty=1,50,100 --output s3://bucket/terrain
+
+    Example: genimg submit --count 10000 --keep-if 'score >= 0.9' --regenerate 8 --output s3://bucket/digits
     """
     with _exit_codes():
         if prompts_file is not None and prompt:
@@ -235,7 +243,7 @@ def submit(
                 seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
-                prompt_chunk_size=prompt_chunk_size, expand=expand_opts,
+                prompt_chunk_size=prompt_chunk_size, expand=expand_opts, keep_if=keep_if, regenerate=regenerate,
             )
             spec = job.spec
             doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,

@@ -39,6 +39,7 @@ RESERVED_COLUMNS = frozenset({
     "negative_prompt", "seed", "model", "model_version", "profile", "params", "width", "height", "format",
     "sha256", "status", "reason", "infer_s", "encode_s",
     "source_prompt", "revised_prompt", "expander", "expander_version", "expand_tokens",  # genimg.expand
+    "tries",  # genimg.keepif
 })
 """Columns every shard index has; a profile's metadata columns take other names."""
 
