@@ -253,6 +253,7 @@ class Client:
         prompt_chunk_size: int | None = None,
         manifest_part_shards: int | None = None,
         expand: Mapping[str, Any] | None = None,
+        dedup: str | None = None,
     ) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
@@ -291,6 +292,9 @@ class Client:
                 "max_new_tokens": 48, "temperature": 0.7, "per": "prompt", "wildcards_dir": "dir"}``;
                 every key is optional. The wildcard files the template names are read from
                 ``wildcards_dir`` now and stored with the job (``inputs/wildcards.json``).
+            dedup: ``"exact"`` or ``"near"``: mark duplicates in the manifest's ``duplicate_of`` column
+                when the job finishes (:mod:`genimg.dedup`); by default they are only reported
+                (``dedup.json``, the dataset card). Nothing is deleted.
 
         Returns:
             The job's handle. With an idempotency key already claimed, the
@@ -333,7 +337,7 @@ class Client:
             "seed": seed, "image_format": image_format, "quality": quality, "shard_size": shard_size,
             "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
             "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
-            "manifest_part_shards": manifest_part_shards,
+            "manifest_part_shards": manifest_part_shards, "dedup": dedup,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         txt = task == "text" and prompts is not None

@@ -196,6 +196,10 @@ def submit(
     wildcards_dir: Annotated[Optional[Path], typer.Option(
         "--wildcards-dir", help="Directory of NAME.txt wildcard files (one option a line) the template uses.",
         show_default=False)] = None,
+    dedup: Annotated[Optional[str], typer.Option(
+        "--dedup", help="Mark duplicates in the manifest's duplicate_of column: exact (same sha256) or near "
+                        "(pHash within 4 of 64 bits). Default: only reported in dedup.json and the card.",
+        show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
     timeout_s: TimeoutS = None,
     no_progress: NoProgress = False,
@@ -211,6 +215,8 @@ def submit(
     Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
 
     Example: genimg submit --model terrain --count 300 --param difficulty=1,50,100 --output s3://bucket/terrain
+
+    Example: genimg submit --count 2000 --dedup near --output s3://bucket/digits --wait
     """
     with _exit_codes():
         if prompts_file is not None and prompt:
@@ -235,7 +241,7 @@ def submit(
                 seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
-                prompt_chunk_size=prompt_chunk_size, expand=expand_opts,
+                prompt_chunk_size=prompt_chunk_size, expand=expand_opts, dedup=dedup,
             )
             spec = job.spec
             doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,
