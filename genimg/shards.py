@@ -354,14 +354,16 @@ class ShardItem:
         Every number in it is exact in every JSON reader, JavaScript's included
         (:data:`MAX_SAFE_INTEGER`): ``seed`` is a decimal string (it is a uint64), and
         any other integer beyond ±(2**53 - 1) (a metadata value) is one too. The
-        index keeps them as integers.
+        index keeps them as integers. Keys without a value (``prompt`` of a noise job, a
+        non-finite score) are left out rather than written as ``null``, which batch
+        collation (torch's ``default_collate``) cannot stack.
         """
         meta = self.metadata(job_id)
         meta["seed"] = str(self.seed)
         for name, value in self.extra.items():
             if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
                 meta[name] = str(value)
-        return meta
+        return {k: v for k, v in meta.items() if v is not None}
 
 
 # --------------------------------------------------------------------------- building a shard
