@@ -4,9 +4,14 @@ The job's output folder (``{output}/{job_id}/``) can then be uploaded as a
 Hugging Face dataset repository as it is. The card's YAML front matter
 (https://huggingface.co/docs/hub/datasets-cards) declares:
 
-- ``configs``: ``default``, the images as WebDataset shards (``shards/*.tar``),
-  and ``manifest``, the manifest's Parquet parts (``manifest/part-*.parquet``),
-  with ``dataset_info`` features for the manifest's columns;
+- ``configs``: ``default``, the images and their JSON as WebDataset shards
+  (``shards/*.tar``), with ``dataset_info`` features as ``datasets``' webdataset
+  loader reads them (:func:`item_features`). The manifest's Parquet parts
+  (``manifest/part-*.parquet``) are not a second config: ``datasets`` (5.2,
+  ``load.py``) infers one loader for a whole repository from its first config's
+  files, so a parquet config beside a webdataset one fails to load; the body
+  shows how to load them (``load_dataset("parquet", data_files=...)``) and lists
+  their columns (:func:`hub_features`);
 - ``license``: the profile's ``licence`` mapped to a Hub licence id
   (:func:`hub_licence`), else ``other`` with ``license_name`` and ``license_link``;
 - ``size_categories`` from the number of ok images, ``task_categories``
@@ -47,6 +52,9 @@ SHEET_OBJECT = "contact_sheet.png"
 SHEET_ITEMS = 64
 """Most images on the contact sheet (the first ok items)."""
 SHEET_COLUMNS = 8
+SHARDS_GLOB = "shards/*.tar"
+"""The images' ``data_files``, relative to the job's folder (the dataset repository's root)."""
+MANIFEST_GLOB = "manifest/part-*.parquet"
 
 HUB_LICENCES = {
     "apache-2.0": "apache-2.0", "mit": "mit", "bsd-2-clause": "bsd-2-clause", "bsd-3-clause": "bsd-3-clause",
@@ -100,9 +108,35 @@ def size_category(items: int) -> str:
     return "1B<n<10B"
 
 
+_TYPE_DTYPES = {"int": "int64", "float": "float64", "bool": "bool", "str": "string"}
+
+
 def hub_features(schema: pa.Schema) -> list[dict[str, str]]:
-    """``dataset_info.features`` of a Parquet config: ``[{"name", "dtype"}]`` per column."""
+    """Features of a Parquet table (the manifest): ``[{"name", "dtype"}]`` per column."""
     return [{"name": f.name, "dtype": _HUB_DTYPES.get(f.type, "string")} for f in schema]
+
+
+def item_features(spec: Any) -> list[dict[str, Any]]:
+    """``dataset_info.features`` of the WebDataset config, as ``datasets``' webdataset loader reads the shards.
+
+    Columns: the image (named by its file extension), ``json`` (the item JSON's fields, sorted by name,
+    :meth:`genimg.shards.ShardItem.json_metadata`), ``__key__`` and ``__url__``.
+    """
+    from genimg.imaging import EXTENSIONS
+
+    fields: dict[str, Any] = {name: "string" for name in ("job_id", "key", "seed", "model", "model_version",
+                                                          "profile", "format", "sha256")}
+    fields.update(item_index="int64", width="int64", height="int64")
+    if spec.profile.task == "text":
+        fields["prompt"] = "string"
+    if spec.negative_prompt is not None:
+        fields["negative_prompt"] = "string"
+    fields.update({name: _TYPE_DTYPES[kind] for name, kind in spec.metadata_columns.items()})
+    params = [{"name": n, "dtype": _TYPE_DTYPES[p.type]} for n, p in sorted(spec.profile.params.items())]
+    json_fields = [{"name": n, "dtype": d} for n, d in fields.items()] + [{"name": "params", "struct": params}]
+    json_fields.sort(key=lambda f: f["name"])
+    return [{"name": EXTENSIONS[spec.image_format], "dtype": "image"}, {"name": "json", "struct": json_fields},
+            {"name": "__key__", "dtype": "string"}, {"name": "__url__", "dtype": "string"}]
 
 
 # --------------------------------------------------------------------------- what the card reads
@@ -166,11 +200,8 @@ def front_matter(spec: Any, items_ok: int, schema: pa.Schema) -> dict[str, Any]:
         "size_categories": [size_category(items_ok)],
         "task_categories": ["text-to-image" if text else "unconditional-image-generation"],
         "tags": ["synthetic", "genimg"],
-        "configs": [
-            {"config_name": "default", "data_files": [{"split": "train", "path": "shards/*.tar"}], "default": True},
-            {"config_name": "manifest", "data_files": [{"split": "train", "path": "manifest/part-*.parquet"}]},
-        ],
-        "dataset_info": [{"config_name": "manifest", "features": hub_features(schema)}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": SHARDS_GLOB}]}],
+        "dataset_info": {"config_name": "default", "features": item_features(spec)},
     }
 
 
@@ -227,9 +258,11 @@ def render(spec: Any, summary: Mapping[str, Any], facts: CardFacts, dedup: Dedup
         "- `dedup.json`: the duplicates report; `job.json`: the job's spec; `_SUCCESS`: the job's summary.", "",
         "```python",
         "from datasets import load_dataset",
-        "images = load_dataset(\"webdataset\", data_files=\"shards/*.tar\", split=\"train\")",
-        "manifest = load_dataset(\"parquet\", data_files=\"manifest/part-*.parquet\", split=\"train\")",
+        f"images = load_dataset(\"webdataset\", data_files=\"{SHARDS_GLOB}\", split=\"train\")  # or the folder",
+        f"manifest = load_dataset(\"parquet\", data_files=\"{MANIFEST_GLOB}\", split=\"train\")",
         "```", "",
+        "Manifest columns:", "", "| column | type |", "| --- | --- |",
+        *(f"| `{f['name']}` | {f['dtype']} |" for f in hub_features(schema)), "",
     ]
     if sheet:
         lines += ["## Contact sheet", "", f"The first {min(SHEET_ITEMS, int(summary.get('items_ok', 0)))} ok "

@@ -150,9 +150,13 @@ def test_hugging_face_datasets_loads_the_shards_and_the_manifest(output: Output,
     images = datasets.load_dataset("webdataset", data_files={"train": output.tars}, split="train", cache_dir=cache)
     assert images.num_rows == len(output.ok)
     row = output.sample()
-    item = images[[k for k in images["__key__"]].index(row["key"])]
+    item = images[images["__key__"].index(row["key"])]
     _check_pixels(item["png"], output.image_bytes(row))
     _check_meta(item["json"], row)
+
+    folder = datasets.load_dataset(str(output.root), split="train", cache_dir=cache)  # the card's config
+    assert folder.num_rows == len(output.ok) and folder.features == images.features
+    _check_meta(folder[images["__key__"].index(row["key"])]["json"], row)
 
     manifest = datasets.load_dataset("parquet", data_files=output.parts, split="train", cache_dir=cache)
     assert manifest.num_rows == output.manifest.num_rows
