@@ -358,6 +358,7 @@ def _publish(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, spe
     Returns:
         The duplicates report, and the manifest's bytes when parts were rewritten (else ``None``).
     """
+    started = time.perf_counter()
     plan, schema = PartPlan.for_spec(spec), job_schema(spec)
     facts, scan = card.CardFacts(), dedup.Scan()
     for table in iter_parts(store, layout, plan, schema=schema):
@@ -380,8 +381,8 @@ def _publish(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, spe
     store.put_bytes(f"{layout.job_prefix}/{dedup.DEDUP_OBJECT}",
                     json.dumps(report.to_dict(), sort_keys=True, indent=1).encode(), "application/json")
     card.write_card(store, layout, spec, summary, facts, report)
-    log.info("published job=%s exact_duplicates=%d near_duplicates=%d dedup_s=%.3f", spec.job_id,
-             report.exact_duplicates, report.near_duplicates, report.seconds)
+    log.info("published job=%s exact_duplicates=%d near_duplicates=%d dedup_s=%.3f publish_s=%.3f", spec.job_id,
+             report.exact_duplicates, report.near_duplicates, report.seconds, time.perf_counter() - started)
     return report, manifest_bytes
 
 
