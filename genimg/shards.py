@@ -27,6 +27,13 @@ JSON in the tar carries only content (no timings), so a retried shard's tar is
 identical even though its timings differ; timings live in the index
 (``infer_s``, ``encode_s``) and the stats JSON.
 
+**Item JSON** (:meth:`ShardItem.json_metadata`): every number in it is exact
+in every JSON reader (JavaScript's numbers included): the uint64 ``seed`` is a
+decimal string, and so is any other integer beyond ±(2**53 - 1); keys without
+a value are left out. The index keeps ``seed`` as ``uint64``. ``phash`` is in
+the index only (it depends on the resampler and DCT of the worker's libraries;
+the tar depends on the pixels alone).
+
 **Failed items** (e.g. reason ``non_finite_output``) are rows with
 ``status="failed"`` and a ``reason`` in the index, and have no tar members.
 """
