@@ -365,12 +365,23 @@ class ShardItem:
         non-finite score) are left out rather than written as ``null``, which batch
         collation (torch's ``default_collate``) cannot stack.
         """
-        meta = self.metadata(job_id)
-        meta["seed"] = str(self.seed)
-        for name, value in self.extra.items():
-            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER:
-                meta[name] = str(value)
-        return {k: v for k, v in meta.items() if v is not None}
+        return json_safe(self.metadata(job_id))
+
+
+def json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` as every JSON reader holds it exactly (the item JSON; ``genimg manifest --out x.jsonl``).
+
+    ``seed`` becomes a decimal string (a uint64, usually beyond 2**53), as does any other integer
+    beyond ±:data:`~genimg.profiles.params.MAX_SAFE_INTEGER`; keys whose value is ``None`` are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key == "seed" or (isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER):
+            value = str(value)
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- building a shard

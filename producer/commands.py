@@ -351,10 +351,15 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
 def _write_batches(batches: Any, out: Path) -> int:
     """Write record batches to ``out`` (.parquet, .csv or .jsonl) through a temporary file; returns the rows.
 
+    JSON Lines hold what every JSON reader keeps exactly (:func:`genimg.shards.json_safe`: ``seed`` as a
+    decimal string, no nulls).
+
     Memory holds one batch at a time.
     """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from genimg.shards import json_safe
 
     tmp = out.with_name(f".{out.name}.tmp")
     rows, writer, suffix = 0, None, out.suffix.lower()
@@ -363,7 +368,7 @@ def _write_batches(batches: Any, out: Path) -> int:
             try:
                 for batch in batches:
                     if suffix == ".jsonl":
-                        f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                        f.write("".join(json.dumps(json_safe(row), ensure_ascii=False, default=str) + "\n"
                                         for row in batch.to_pylist()).encode("utf-8"))
                     else:
                         if writer is None:
