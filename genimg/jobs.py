@@ -13,12 +13,24 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import redis
 
 from genimg.errors import QueueUnavailableError, StorageNotFoundError
-from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
+from genimg import card, dedup
+from genimg.manifest import (
+    PartPlan,
+    build_part,
+    finalize_parts,
+    iter_parts,
+    job_schema,
+    read_part,
+    read_summary,
+    write_part,
+)
 from genimg.queue import Keys, describe_redis_error
 from genimg.shards import Layout
 from genimg.spec import JobSpec
@@ -32,6 +44,8 @@ FAILED_SHARDS_LISTED = 1_000
 """Most failed shards (with reasons) ``_SUCCESS`` lists; ``shards_failed`` counts them all."""
 FINALIZE_ROUNDS = 5
 """Most rounds of one finaliser when shards change state while it writes."""
+PART_LOCK_WAIT_S = 120.0
+"""Longest the finaliser waits for a worker compacting a part before it marks duplicates in that part."""
 
 _MARK_DONE = """
 local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -300,11 +314,90 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
         "seconds": round(time.time() - started, 3),
     }
     summary["images_per_s"] = round(summary["items_ok"] / max(summary["seconds"], 1e-9), 3)
+    report, manifest_bytes = _publish(r, keys, store, layout, spec, summary)
+    summary["manifest"]["bytes"] = manifest_bytes if manifest_bytes is not None else totals.bytes
+    summary["dedup"] = {k: v for k, v in report.to_dict().items() if not k.endswith("_examples")}
+    summary["card"] = card.CARD_OBJECT
     store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
                     "application/json")
     r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
     log.info("job finalised", extra={"job_id": spec.job_id, **{k: v for k, v in summary.items()
                                                               if k not in ("failed_shards", "manifest")}})
+
+
+@contextmanager
+def _part_lock(r: redis.Redis, keys: Keys, job_id: str, part: int) -> Iterator[None]:
+    """Hold the lock a worker takes to compact ``part`` (waits at most :data:`PART_LOCK_WAIT_S`)."""
+    lock = keys.job(job_id, f"part:{part}")
+    deadline = time.monotonic() + PART_LOCK_WAIT_S
+    try:
+        while not r.set(lock, b"1", nx=True, ex=300):
+            if time.monotonic() > deadline:  # its holder died: the lock expires, nobody else writes the part
+                log.warning("part %d still locked; marking it anyway", part, extra={"job_id": job_id})
+                break
+            time.sleep(0.05)
+        yield
+    except redis.RedisError as e:
+        raise QueueUnavailableError(f"Redis unavailable locking a part of job {job_id}") from e
+    finally:
+        try:
+            r.delete(lock)
+        except redis.RedisError:
+            pass  # it expires
+
+
+def _publish(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, spec: JobSpec,
+             summary: dict) -> tuple[dedup.DedupReport, int | None]:
+    """What a finished job publishes beside its manifest, before ``_SUCCESS``: duplicates and the card.
+
+    One pass over the manifest's parts collects the dedup columns and what the card
+    needs; with ``spec.dedup`` the parts whose ``duplicate_of`` changes are rewritten
+    (:func:`genimg.dedup.mark_parts`); then ``dedup.json``, ``contact_sheet.png`` and
+    ``README.md`` are written (:mod:`genimg.card`). Idempotent.
+
+    Returns:
+        The duplicates report, and the manifest's bytes when parts were rewritten (else ``None``).
+    """
+    started = time.perf_counter()
+    plan, schema = PartPlan.for_spec(spec), job_schema(spec)
+    facts, scan = card.CardFacts(), dedup.Scan()
+    items = int(summary["items_ok"]) + int(summary["items_failed"])
+    scan_all = spec.dedup is not None or items <= dedup.REPORT_MAX_ITEMS
+    for table in iter_parts(store, layout, plan, schema=schema):
+        facts.add(table)
+        if scan_all:
+            scan.add(table)
+        elif facts.sheet_full:  # a bulk job that did not ask: its finalisation stays O(parts' summaries)
+            break
+    if not scan_all:
+        report = dedup.DedupReport.not_scanned_because(f"{items:,} items > {dedup.REPORT_MAX_ITEMS:,}: submit the job "
+                                               "with dedup='exact' or 'near' to scan it")
+        store.put_bytes(f"{layout.job_prefix}/{dedup.DEDUP_OBJECT}",
+                        json.dumps(report.to_dict(), sort_keys=True, indent=1).encode(), "application/json")
+        card.write_card(store, layout, spec, summary, facts, report)
+        log.info("published job=%s (duplicates not scanned) publish_s=%.3f", spec.job_id,
+                 time.perf_counter() - started)
+        return report, None
+    found = scan.find(dedup.NEAR_DISTANCE)
+    manifest_bytes = None
+    if spec.dedup is not None:
+        def rewrite(part: int, table) -> None:
+            old = read_summary(store, layout, part)
+            write_part(store, layout, plan, part, table, old.shards_missing if old else ())
+
+        rewritten = dedup.mark_parts(range(plan.num_parts), found, spec.dedup,
+                                     read=lambda p: read_part(store, layout, p, schema), write=rewrite,
+                                     lock=lambda p: _part_lock(r, keys, spec.job_id, p))
+        if rewritten:
+            parts = [read_summary(store, layout, p) for p in range(plan.num_parts)]
+            manifest_bytes = sum(s.bytes for s in parts if s is not None)
+    report = found.report(spec.dedup)
+    store.put_bytes(f"{layout.job_prefix}/{dedup.DEDUP_OBJECT}",
+                    json.dumps(report.to_dict(), sort_keys=True, indent=1).encode(), "application/json")
+    card.write_card(store, layout, spec, summary, facts, report)
+    log.info("published job=%s exact_duplicates=%d near_duplicates=%d dedup_s=%.3f publish_s=%.3f", spec.job_id,
+             report.exact_duplicates, report.near_duplicates, report.seconds, time.perf_counter() - started)
+    return report, manifest_bytes
 
 
 def counts_dict(c: JobCounts) -> dict:

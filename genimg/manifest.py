@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 
 from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
 from genimg.shards import (
+    DUPLICATE_OF,
     INDEX_SCHEMA,
     STATUS_OK,
     Layout,
@@ -95,8 +96,10 @@ part_shards_for = manifest_part_shards_for
 
 
 def job_schema(spec: JobSpec) -> pa.Schema:
-    """The job's index and manifest schema: the index columns, then the profile's metadata columns."""
-    return index_schema(spec.metadata_columns)
+    """The job's manifest schema: the index columns, the profile's metadata columns, then ``duplicate_of``
+    for a job with ``dedup`` (filled at finalisation, :mod:`genimg.dedup`)."""
+    schema = index_schema(spec.metadata_columns)
+    return schema.append(DUPLICATE_OF) if spec.dedup is not None else schema
 
 
 @dataclass(frozen=True)
@@ -308,14 +311,28 @@ def build_part(store: ObjectStore, layout: Layout, plan: PartPlan, part: int, *,
     finally:
         if own:
             pool.shutdown()
-    data = index_to_parquet(table)
-    summary = _summarise(part, range(start, stop), missing, table, data)
     if write:
-        store.put_bytes(layout.manifest_part_key(part), data, "application/vnd.apache.parquet")
-        store.put_bytes(layout.manifest_summary_key(part), summary.to_json(), "application/json")
-        log.info("wrote manifest part job=%s part=%d shards=%d-%d rows=%d missing=%d", layout.job_id, part,
-                 start, stop - 1, table.num_rows, len(missing))
-    return table, summary
+        return table, write_part(store, layout, plan, part, table, missing)
+    return table, _summarise(part, range(start, stop), missing, table, index_to_parquet(table))
+
+
+def write_part(store: ObjectStore, layout: Layout, plan: PartPlan, part: int, table: pa.Table,
+               shards_missing: tuple[int, ...]) -> PartSummary:
+    """Write ``part-NNNNN.parquet`` from ``table`` (its rows, sorted), then its summary (the part's commit marker).
+
+    Raises:
+        ValidationError: ``part`` out of range, or a table that is not a manifest.
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: another storage fault.
+    """
+    start, stop = plan.part_range(part)
+    data = index_to_parquet(table)
+    summary = _summarise(part, range(start, stop), shards_missing, table, data)
+    store.put_bytes(layout.manifest_part_key(part), data, "application/vnd.apache.parquet")
+    store.put_bytes(layout.manifest_summary_key(part), summary.to_json(), "application/json")
+    log.info("wrote manifest part job=%s part=%d shards=%d-%d rows=%d missing=%d", layout.job_id, part,
+             start, stop - 1, table.num_rows, len(shards_missing))
+    return summary
 
 
 def read_summary(store: ObjectStore, layout: Layout, part: int) -> PartSummary | None:
@@ -396,9 +413,15 @@ def invalidate_parts(store: ObjectStore, layout: Layout, plan: PartPlan, shards:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_part(store: ObjectStore, layout: Layout, part: int) -> pa.Table:
+def read_part(store: ObjectStore, layout: Layout, part: int, schema: pa.Schema | None = None) -> pa.Table:
+    """One written part's rows (with ``schema``'s columns first, when given).
+
+    Raises:
+        StorageNotFoundError: the part has no file.
+        StorageError: not a genimg manifest part, or another storage fault.
+    """
     key = layout.manifest_part_key(part)
-    return index_from_parquet(store.get_bytes(key), source=layout.url(key))
+    return _conform(index_from_parquet(store.get_bytes(key), source=layout.url(key)), schema)
 
 
 def iter_parts(store: ObjectStore, layout: Layout, plan: PartPlan | None = None, *,
@@ -423,7 +446,7 @@ def iter_parts(store: ObjectStore, layout: Layout, plan: PartPlan | None = None,
 
     def load(part: int, stored: bool) -> pa.Table:
         if stored:
-            return _conform(_read_part(store, layout, part), schema)
+            return read_part(store, layout, part, schema)
         assert plan is not None
         return build_part(store, layout, plan, part, schema=schema, pool=reader, write=False)[0]
 
@@ -554,7 +577,7 @@ def verify_manifest(store: ObjectStore, layout: Layout, manifest: pa.Table | Non
     """
     if store.bucket != layout.bucket:
         raise ValidationError(f"store is for bucket {store.bucket!r}, layout for {layout.bucket!r}")
-    tables = [manifest] if manifest is not None else iter_parts(store, layout)
+    tables: Iterable[pa.Table] = [manifest] if manifest is not None else iter_parts(store, layout)
     checked, problems = 0, []
     for table in tables:
         rows = table.filter(pc.equal(table["status"], STATUS_OK)).select(
@@ -595,5 +618,5 @@ __all__ = [
     "BATCH_ROWS", "MAX_PART_SHARDS", "PART_ROWS", "TABLE_MAX_ROWS", "ManifestTooLargeError",
     "ManifestTotals", "PartPlan", "PartSummary", "VerifyReport", "build_manifest", "build_part",
     "finalize_parts", "invalidate_parts", "iter_batches", "iter_parts", "job_schema", "part_shards_for",
-    "read_summary", "read_table", "summarised_parts", "verify_manifest", "written_parts",
+    "read_part", "read_summary", "write_part", "read_table", "summarised_parts", "verify_manifest", "written_parts",
 ]

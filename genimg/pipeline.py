@@ -425,7 +425,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
             data = imaging.encode(images[j], spec.image_format, spec.quality)
             items.append(ShardItem(image=data, format=spec.image_format, width=int(images.shape[2]),
                                    height=int(images.shape[1]), extra={**meta, **columns},
-                                   encode_s=time.perf_counter() - te, **common))
+                                   phash=imaging.phash(images[j]), encode_s=time.perf_counter() - te, **common))
         metrics.STAGE_SECONDS.labels("encode").observe(time.perf_counter() - t)
         return items, again
 

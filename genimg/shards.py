@@ -27,6 +27,13 @@ JSON in the tar carries only content (no timings), so a retried shard's tar is
 identical even though its timings differ; timings live in the index
 (``infer_s``, ``encode_s``) and the stats JSON.
 
+**Item JSON** (:meth:`ShardItem.json_metadata`): every number in it is exact
+in every JSON reader (JavaScript's numbers included): the uint64 ``seed`` is a
+decimal string, and so is any other integer beyond ±(2**53 - 1); keys without
+a value are left out. The index keeps ``seed`` as ``uint64``. ``phash`` is in
+the index only (it depends on the resampler and DCT of the worker's libraries;
+the tar depends on the pixels alone).
+
 **Failed items** (e.g. reason ``non_finite_output``) are rows with
 ``status="failed"`` and a ``reason`` in the index, and have no tar members.
 """
@@ -52,7 +59,7 @@ import pyarrow.parquet as pq
 
 from genimg.errors import StorageError, ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
-from genimg.profiles.params import params_json
+from genimg.profiles.params import MAX_SAFE_INTEGER, params_json
 from genimg.storage import ObjectStore, parse_url, sha256_hex
 
 logger = logging.getLogger(__name__)
@@ -73,7 +80,8 @@ PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 3
 """Fixed Parquet codec and level, so index bytes never vary for the same rows."""
 
-INDEX_SCHEMA_VERSION = "2"
+INDEX_SCHEMA_VERSION = "3"
+"""Version 3 added ``phash``; an index of version 2 reads with a null ``phash`` (:func:`index_from_parquet`)."""
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -94,6 +102,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),  # pixels
         pa.field("format", pa.string()),  # png | webp | jpeg
         pa.field("sha256", pa.string()),  # hex sha256 of the encoded image bytes
+        pa.field("phash", pa.string()),  # 64-bit perceptual hash of the pixels, 16 hex digits (imagehash.phash)
         pa.field("status", pa.string(), nullable=False),  # ok | failed
         pa.field("reason", pa.string()),  # failure reason, e.g. non_finite_output
         pa.field("infer_s", pa.float64(), nullable=False),  # seconds of inference attributed to the item
@@ -103,6 +112,15 @@ INDEX_SCHEMA = pa.schema(
 )
 """The columns every shard index and job manifest has (one row per item); a profile's
 metadata columns follow them (:func:`index_schema`)."""
+
+ADDED_COLUMNS = ("phash",)
+"""Columns of :data:`INDEX_SCHEMA` that older indexes lack; they read back as nulls."""
+
+DUPLICATE_OF = pa.field("duplicate_of", pa.int64())
+"""The manifest column of a job with ``dedup``: the lowest item index of the item's duplicate group, null
+when the item has none (:mod:`genimg.dedup`); last in the manifest, never in a shard index."""
+
+
 
 METADATA_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
 """Arrow type of a profile's metadata column, by its declared type."""
@@ -125,6 +143,7 @@ def index_schema(metadata: Mapping[str, str] | None = None) -> pa.Schema:
     return schema.with_metadata(INDEX_SCHEMA.metadata)
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_PHASH_RE = re.compile(r"^[0-9a-f]{16}$")
 _INDEX_NAME_RE = re.compile(rf"^(\d{{{SHARD_DIGITS}}})\.parquet$")
 
 
@@ -251,6 +270,8 @@ class ShardItem:
         width: image width in pixels.
         height: image height in pixels.
         extra: the profile's metadata columns (JSON values; ``None`` where unknown).
+        phash: 64-bit perceptual hash of the pixels as 16 lowercase hex digits
+            (:func:`genimg.imaging.phash`); index only, never in the item JSON; ``None`` when failed or unknown.
         reason: failure reason (e.g. ``non_finite_output``); ``None`` when ok.
         infer_s: seconds of inference attributed to this item.
         encode_s: seconds spent encoding this item.
@@ -272,6 +293,7 @@ class ShardItem:
     width: int | None = None
     height: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    phash: str | None = None
     reason: str | None = None
     infer_s: float = 0.0
     encode_s: float = 0.0
@@ -284,9 +306,14 @@ class ShardItem:
         for name, value in self.extra.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValidationError(f"item {self.item_index}: metadata {name} must be finite, got {value}")
+        if self.phash is not None and not _PHASH_RE.match(self.phash):
+            raise ValidationError(f"item {self.item_index}: phash must be 16 lowercase hex digits, got "
+                                  f"{self.phash[:40]!r}", field="phash")
         if self.infer_s < 0 or self.encode_s < 0:
             raise ValidationError(f"item {self.item_index}: negative timings")
         if self.image is None:
+            if self.phash is not None:
+                raise ValidationError(f"item {self.item_index}: an item without an image has no phash")
             if not self.reason:
                 raise ValidationError(f"item {self.item_index}: an item without an image needs a reason")
         else:
@@ -308,7 +335,7 @@ class ShardItem:
         return item_key(self.item_index)
 
     def metadata(self, job_id: str) -> dict[str, Any]:
-        """The per-item JSON stored in the tar: content only, no timings (deterministic)."""
+        """The item's content fields, with Python values (the seed an int): what the index and the JSON share."""
         meta = {
             "job_id": job_id,
             "item_index": self.item_index,
@@ -328,6 +355,34 @@ class ShardItem:
         if self.negative_prompt is not None:
             meta["negative_prompt"] = self.negative_prompt
         return meta
+
+    def json_metadata(self, job_id: str) -> dict[str, Any]:
+        """The per-item JSON stored in the tar: content only, no timings (deterministic).
+
+        Every number in it is exact in every JSON reader, JavaScript's included
+        (:data:`MAX_SAFE_INTEGER`): ``seed`` is a decimal string (it is a uint64), and
+        any other integer beyond ±(2**53 - 1) (a metadata value) is one too. The
+        index keeps them as integers. Keys without a value (``prompt`` of a noise job, a
+        non-finite score) are left out rather than written as ``null``, which batch
+        collation (torch's ``default_collate``) cannot stack.
+        """
+        return json_safe(self.metadata(job_id))
+
+
+def json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` as every JSON reader holds it exactly (the item JSON; ``genimg manifest --out x.jsonl``).
+
+    ``seed`` becomes a decimal string (a uint64, usually beyond 2**53), as does any other integer
+    beyond ±:data:`~genimg.profiles.params.MAX_SAFE_INTEGER`; keys whose value is ``None`` are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key == "seed" or (isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER):
+            value = str(value)
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- building a shard
@@ -444,6 +499,10 @@ def index_from_parquet(data: bytes, *, source: str = "index") -> pa.Table:
     """
     try:
         table = pq.read_table(io.BytesIO(data))
+        for name in ADDED_COLUMNS:  # an index written before the column existed
+            if name not in table.column_names:
+                added = INDEX_SCHEMA.field(name)
+                table = table.append_column(added, pa.nulls(table.num_rows, added.type))
         extra = [n for n in table.column_names if n not in INDEX_SCHEMA.names]
         schema = pa.schema([*INDEX_SCHEMA, *(table.schema.field(n) for n in extra)], metadata=INDEX_SCHEMA.metadata)
         return table.select([*INDEX_SCHEMA.names, *extra]).cast(schema)
@@ -491,7 +550,7 @@ class ShardWriter:
         for item in items:
             if item.image is None:
                 continue
-            meta = json.dumps(item.metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            meta = json.dumps(item.json_metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
             members.append((f"{item.key}.{EXTENSIONS[str(item.format)]}", item.image))
             members.append((f"{item.key}.json", meta.encode("utf-8")))
         tar_bytes, spans = write_tar(members)
@@ -513,6 +572,7 @@ class ShardWriter:
                 "tar_offset": span[0] if span else None,
                 "tar_size": span[1] if span else None,
                 **{k: meta[k] for k in ("width", "height", "format", "sha256")},
+                "phash": item.phash,
                 "status": STATUS_OK if item.ok else STATUS_FAILED,
                 "reason": item.reason,
                 "infer_s": float(item.infer_s),

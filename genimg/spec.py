@@ -86,6 +86,9 @@ Z_DIM: Final = 100
 """Length of the generator's noise vector ``Z`` (FP32)."""
 MAX_Z_DIM: Final = 4_096
 
+OMITTED_WHEN_UNSET: Final = ("keep_if", "dedup")
+"""JobSpec fields :meth:`JobSpec.to_json` leaves out while ``None`` (added within schema version 2)."""
+
 PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
 """Named priorities. Priorities are ints 0..9 where a HIGHER number runs sooner;
 the queue layer maps this onto its transport (kombu's Redis transport treats 0
@@ -367,6 +370,9 @@ class JobSpec(BaseModel):
         created_at: timezone-aware submit time, stored in UTC.
         expand: prompt expansion (:class:`genimg.expand.ExpandSpec`: template, language model,
             max_new_tokens, temperature), text profiles only; ``None``: prompts go to the model as given.
+        dedup: mark duplicates in the manifest's ``duplicate_of`` column at finalisation: ``"exact"``
+            (same image sha256) or ``"near"`` (pHash within :data:`genimg.dedup.NEAR_DISTANCE` bits, exact
+            ones included); ``None`` (default): only reported (``dedup.json``). Nothing is ever deleted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -399,6 +405,7 @@ class JobSpec(BaseModel):
                                         pattern=_IDEMPOTENCY_KEY_RE.pattern)
     created_at: datetime
     expand: ExpandSpec | None = None
+    dedup: Literal["exact", "near"] | None = None
 
     # ---- construction
 
@@ -458,11 +465,14 @@ class JobSpec(BaseModel):
     def to_json(self) -> str:
         """The spec as compact JSON (fields in declaration order), as stored in ``job.json``.
 
-        ``keep_if`` and ``regenerate`` are left out while unset, so a job without the
-        filter stores the same bytes as before the filter existed.
+        Optional fields added after a job layout was in use (:data:`OMITTED_WHEN_UNSET`, and
+        ``regenerate`` while it is 0 without ``keep_if``) are left out while unset, so a job that does not
+        use them stores the same bytes as before they existed.
         """
-        unset = {"keep_if", "regenerate"} if self.keep_if is None and self.regenerate == 0 else None
-        return self.model_dump_json(exclude=unset)
+        unset = {name for name in OMITTED_WHEN_UNSET if getattr(self, name) is None}
+        if self.keep_if is None and self.regenerate == 0:
+            unset.add("regenerate")
+        return self.model_dump_json(exclude=unset or None)
 
     # ---- validators
 

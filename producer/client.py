@@ -255,6 +255,7 @@ class Client:
         expand: Mapping[str, Any] | None = None,
         keep_if: str | None = None,
         regenerate: int | None = None,
+        dedup: str | None = None,
     ) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
@@ -297,6 +298,9 @@ class Client:
                 profile's int or float metadata columns (``"score >= 0.9"``; op: ``>= > <= < == !=``).
             regenerate: with ``keep_if``, extra seeds each item may try, 0..64 (default 0); an item that
                 never passes is recorded failed with reason ``keep_if_unmet`` (:mod:`genimg.keepif`).
+            dedup: ``"exact"`` or ``"near"``: mark duplicates in the manifest's ``duplicate_of`` column
+                when the job finishes (:mod:`genimg.dedup`); by default they are only reported
+                (``dedup.json``, the dataset card). Nothing is deleted.
 
         Returns:
             The job's handle. With an idempotency key already claimed, the
@@ -340,6 +344,7 @@ class Client:
             "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
             "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
             "manifest_part_shards": manifest_part_shards, "keep_if": keep_if, "regenerate": regenerate,
+            "dedup": dedup,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         txt = task == "text" and prompts is not None

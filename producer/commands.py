@@ -202,6 +202,10 @@ def submit(
     regenerate: Annotated[Optional[int], typer.Option(
         "--regenerate", help="With --keep-if: extra seeds an item may try until it passes, 0-64 (default: 0); "
                              "an item that never passes is failed keep_if_unmet.", show_default=False)] = None,
+    dedup: Annotated[Optional[str], typer.Option(
+        "--dedup", help="Mark duplicates in the manifest's duplicate_of column: exact (same sha256) or near "
+                        "(pHash within 4 of 64 bits). Default: only reported in dedup.json and the card.",
+        show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
     timeout_s: TimeoutS = None,
     no_progress: NoProgress = False,
@@ -244,6 +248,7 @@ def submit(
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
                 prompt_chunk_size=prompt_chunk_size, expand=expand_opts, keep_if=keep_if, regenerate=regenerate,
+                dedup=dedup,
             )
             spec = job.spec
             doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,
@@ -353,10 +358,15 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", help="Loc
 def _write_batches(batches: Any, out: Path) -> int:
     """Write record batches to ``out`` (.parquet, .csv or .jsonl) through a temporary file; returns the rows.
 
+    JSON Lines hold what every JSON reader keeps exactly (:func:`genimg.shards.json_safe`: ``seed`` as a
+    decimal string, no nulls).
+
     Memory holds one batch at a time.
     """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from genimg.shards import json_safe
 
     tmp = out.with_name(f".{out.name}.tmp")
     rows, writer, suffix = 0, None, out.suffix.lower()
@@ -365,7 +375,7 @@ def _write_batches(batches: Any, out: Path) -> int:
             try:
                 for batch in batches:
                     if suffix == ".jsonl":
-                        f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                        f.write("".join(json.dumps(json_safe(row), ensure_ascii=False, default=str) + "\n"
                                         for row in batch.to_pylist()).encode("utf-8"))
                     else:
                         if writer is None:

@@ -70,7 +70,7 @@ def test_keep_if_job_keeps_only_passing_images_attempt_0_items_match_the_plain_j
     for r in b:
         old = by_index[r["item_index"]]
         image, meta = members_b[f"{r['key']}.png"], json.loads(members_b[f"{r['key']}.json"])
-        assert sha256_hex(image) == r["sha256"] and (meta["seed"], meta["tries"]) == (r["seed"], r["tries"])
+        assert sha256_hex(image) == r["sha256"] and (int(meta["seed"]), meta["tries"]) == (r["seed"], r["tries"])
         if r["tries"] == 1:  # the plain job's very image and metadata, plus tries
             assert image == members_a[f"{r['key']}.png"] and r["seed"] == old["seed"] == item_seed(SEED, r["item_index"])
             plain_meta = json.loads(members_a[f"{r['key']}.json"])

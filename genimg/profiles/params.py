@@ -19,6 +19,8 @@ from genimg.errors import ValidationError
 if TYPE_CHECKING:
     from genimg.profiles.schema import ModelProfile, ParamSpec
 
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest int parameter: every JSON reader (JavaScript's numbers too) holds it exactly."""
 MAX_SWEEP_VALUES = 1_000
 """Most values one parameter's sweep list may hold."""
 
@@ -53,8 +55,8 @@ def check_value(spec: ParamSpec, value: object, what: str) -> Any:
         raise ValueError(f"{what} must be an int, got {_short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{what} must be finite, got {value}")
-    if kind == "int" and abs(value) > 2**53:
-        raise ValueError(f"{what} must be within ±2**53 (exact in every JSON reader), got {value}")
+    if kind == "int" and abs(value) > MAX_SAFE_INTEGER:
+        raise ValueError(f"{what} must be within ±(2**53 - 1) (exact in every JSON reader), got {value}")
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
         raise ValueError(f"{what} must be in [{spec.min}, {spec.max}], got {value}")
     return float(value) if kind == "float" else value

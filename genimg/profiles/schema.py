@@ -37,7 +37,7 @@ MAX_TENSOR_ELEMENTS = 1 << 24
 RESERVED_COLUMNS = frozenset({
     "job_id", "item_index", "key", "shard_index", "tar_key", "tar_offset", "tar_size", "prompt",
     "negative_prompt", "seed", "model", "model_version", "profile", "params", "width", "height", "format",
-    "sha256", "status", "reason", "infer_s", "encode_s",
+    "sha256", "phash", "status", "reason", "infer_s", "encode_s", "duplicate_of",
     "source_prompt", "revised_prompt", "expander", "expander_version", "expand_tokens",  # genimg.expand
     "tries",  # genimg.keepif
 })
