@@ -34,6 +34,11 @@ KEEP_IF_UNMET: Final = "keep_if_unmet"
 """Failure reason of an item none of whose ``1 + regenerate`` images passed ``keep_if``."""
 KEEP_IF_COLUMNS: Final = {"tries": "int"}
 """Index/manifest columns a job with ``keep_if`` adds: ``tries``, the seeds tried for the item (>= 1)."""
+MAX_SHARD_TRIES: Final = 16_384
+"""Most images one shard of a ``keep_if`` job may have to make, ``shard_size * (1 + regenerate)``: a shard
+must finish within the worker's task time limit (``GENIMG_TASK_SOFT_TIME_LIMIT_S``, 210 s by default) even
+when no item passes; 16,384 digit images take ~35 s on one busy CPU core. A job that does not give
+``shard_size`` gets ``min(1000, MAX_SHARD_TRIES // (1 + regenerate))``."""
 NUMERIC_TYPES: Final = ("int", "float")
 """Metadata column types ``keep_if`` may test."""
 
@@ -41,9 +46,10 @@ OPS: Final[dict[str, Callable[[Any, Any], bool]]] = {
     ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne}
 """The comparison operators, by their spelling."""
 
-_RULE_RE = re.compile(r"^\s*([a-z][a-z0-9_]{0,63})\s*(>=|<=|==|!=|>|<)\s*([^\s<>=!]\S*)\s*$")
-_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
-_INT_RE = re.compile(r"^[+-]?\d+$")
+# ASCII only: Python's \d and float() also take other scripts' digits (``٠.٩``), which the stored text would hide.
+_RULE_RE = re.compile(r"^\s*([a-z][a-z0-9_]{0,63})\s*(>=|<=|==|!=|>|<)\s*([^\s<>=!]\S*)\s*$", re.ASCII)
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$", re.ASCII)
+_INT_RE = re.compile(r"^[+-]?\d+$", re.ASCII)
 
 
 @dataclass(frozen=True)

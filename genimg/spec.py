@@ -33,11 +33,11 @@ from typing import Annotated, Any, Final, Literal
 
 import numpy as np
 import pydantic
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, ValidationInfo
 
 from genimg.errors import ValidationError
 from genimg.expand import ExpandFieldError, ExpandSpec
-from genimg.keepif import KEEP_IF_COLUMNS, MAX_REGENERATE, KeepIf, check_column, parse_keep_if
+from genimg.keepif import KEEP_IF_COLUMNS, MAX_REGENERATE, MAX_SHARD_TRIES, KeepIf, check_column, parse_keep_if
 from genimg.profiles.params import resolve_params
 from genimg.profiles.registry import Profiles, load_profiles
 from genimg.profiles.schema import NAME_PATTERN, ModelProfile
@@ -389,7 +389,7 @@ class JobSpec(BaseModel):
     prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
     images_per_prompt: _Int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     seed: _Int = Field(default=0, ge=0, le=MAX_SEED)
-    keep_if: str | None = None
+    keep_if: StrictStr | None = None
     regenerate: _Int = Field(default=0, ge=0, le=MAX_REGENERATE)
     output: str = Field(max_length=MAX_OUTPUT_URL_CHARS)
     image_format: Literal["png", "webp", "jpeg"] = "png"
@@ -492,6 +492,10 @@ class JobSpec(BaseModel):
                     raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if data.get("created_at") is None:
                 data["created_at"] = datetime.now(timezone.utc)
+            regenerate = data.get("regenerate", 0)
+            if data.get("keep_if") is not None and "shard_size" not in data and type(regenerate) is int \
+                    and 0 <= regenerate <= MAX_REGENERATE:  # every shard's worst case within MAX_SHARD_TRIES
+                data["shard_size"] = min(1_000, MAX_SHARD_TRIES // (1 + regenerate))
             size = data.get("shard_size", 1_000)
             if data.get("manifest_part_shards") is None and type(size) is int and size >= 1:
                 data["manifest_part_shards"] = manifest_part_shards_for(size)
@@ -592,6 +596,13 @@ class JobSpec(BaseModel):
                              self.profile.name)
             except ValueError as e:
                 raise _FieldError("keep_if", str(e)) from None
+            tries = self.shard_size * (1 + self.regenerate)
+            if tries > MAX_SHARD_TRIES:
+                raise _FieldError("shard_size", f"{self.shard_size:,} items x (1 + regenerate {self.regenerate}) = "
+                                                f"{tries:,} images a shard may have to make; the limit is "
+                                                f"{MAX_SHARD_TRIES:,} (so that a shard finishes within the task "
+                                                f"time limit): use shard_size <= "
+                                                f"{MAX_SHARD_TRIES // (1 + self.regenerate):,} or leave it out")
         elif self.regenerate:
             raise _FieldError("regenerate", f"is {self.regenerate} but there is no keep_if to regenerate for; "
                                             "give keep_if (e.g. 'score >= 0.9') or leave regenerate at 0")

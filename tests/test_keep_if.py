@@ -226,3 +226,27 @@ def test_an_idempotency_key_reused_with_another_filter_is_a_conflict_and_without
     with pytest.raises(ConflictError, match="regenerate"):
         env.client.submit(count=20, output=env.output, idempotency_key="kept-20", keep_if="score >= 0.9",
                           regenerate=3)
+
+
+@pytest.mark.parametrize("text", ["score >= ٠.٩", "label == ７", "score\u3000>=\u30000.9", b"score >= 0.9"])
+def test_keep_if_takes_only_an_ascii_str(text: Any) -> None:
+    """Other scripts' digits and spaces, and bytes, would be stored as a different text than the one given."""
+    with pytest.raises(ValidationError) as info:
+        make(keep_if=text, regenerate=1)
+    assert info.value.field == "keep_if"
+
+
+@pytest.mark.parametrize(("regenerate", "shard_size"), [(0, 1000), (15, 1000), (16, 963), (43, 372), (64, 252)])
+def test_a_keep_if_job_without_shard_size_gets_shards_whose_worst_case_fits(regenerate: int, shard_size: int) -> None:
+    from genimg.keepif import MAX_SHARD_TRIES
+
+    spec = make(count=5000, keep_if="score >= 0.9", regenerate=regenerate)
+    assert spec.shard_size == shard_size and spec.shard_size * (1 + regenerate) <= MAX_SHARD_TRIES
+    assert make(count=5000).shard_size == 1000  # no keep_if: the default stands
+
+
+def test_a_keep_if_job_whose_shard_could_outlast_the_task_time_limit_is_refused_naming_shard_size() -> None:
+    with pytest.raises(ValidationError) as info:  # 2,000 x 65 = 130,000 images in one shard: never finishes
+        make(count=2000, shard_size=2000, keep_if="score > 2", regenerate=64)
+    assert info.value.field == "shard_size" and "shard_size <= 252" in str(info.value)
+    assert make(count=2000, shard_size=252, keep_if="score > 2", regenerate=64).shard_size == 252
