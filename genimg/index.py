@@ -27,7 +27,8 @@ PARQUET_COMPRESSION = "zstd"
 PARQUET_COMPRESSION_LEVEL = 3
 """Fixed Parquet codec and level, so index bytes never vary for the same rows."""
 
-INDEX_SCHEMA_VERSION = "2"
+INDEX_SCHEMA_VERSION = "3"
+"""Version 3 added ``phash``; an index of version 2 reads with a null ``phash`` (:func:`index_from_parquet`)."""
 
 INDEX_SCHEMA = pa.schema(
     [
@@ -48,6 +49,7 @@ INDEX_SCHEMA = pa.schema(
         pa.field("height", pa.int32()),  # pixels
         pa.field("format", pa.string()),  # png | webp | jpeg
         pa.field("sha256", pa.string()),  # hex sha256 of the encoded image bytes
+        pa.field("phash", pa.string()),  # 64-bit perceptual hash of the pixels, 16 hex digits (imagehash.phash)
         pa.field("status", pa.string(), nullable=False),  # ok | failed
         pa.field("reason", pa.string()),  # failure reason, e.g. non_finite_output
         pa.field("infer_s", pa.float64(), nullable=False),  # seconds of inference attributed to the item
@@ -57,6 +59,13 @@ INDEX_SCHEMA = pa.schema(
 )
 """The columns every shard index and job manifest has (one row per item); a profile's
 metadata columns follow them (:func:`index_schema`)."""
+
+ADDED_COLUMNS = ("phash",)
+"""Columns of :data:`INDEX_SCHEMA` that older indexes lack; they read back as nulls."""
+
+DUPLICATE_OF = pa.field("duplicate_of", pa.int64())
+"""The manifest column of a job with ``dedup``: the lowest item index of the item's duplicate group, null
+when the item has none (:mod:`genimg.dedup`); last in the manifest, never in a shard index."""
 
 METADATA_TYPES = {"int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "str": pa.string()}
 """Arrow type of a profile's metadata column, by its declared type."""
@@ -112,6 +121,10 @@ def index_from_parquet(data: bytes, *, source: str = "index") -> pa.Table:
     """
     try:
         table = pq.read_table(io.BytesIO(data))
+        for name in ADDED_COLUMNS:  # an index written before the column existed
+            if name not in table.column_names:
+                added = INDEX_SCHEMA.field(name)
+                table = table.append_column(added, pa.nulls(table.num_rows, added.type))
         extra = [n for n in table.column_names if n not in INDEX_SCHEMA.names]
         schema = pa.schema([*INDEX_SCHEMA, *(table.schema.field(n) for n in extra)], metadata=INDEX_SCHEMA.metadata)
         return table.select([*INDEX_SCHEMA.names, *extra]).cast(schema)

@@ -35,16 +35,19 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis
 from redis.typing import EncodableT, FieldT
 
+from genimg import card
 from genimg.errors import StorageNotFoundError
 from genimg.layout import SUCCESS_OBJECT, Layout
 from genimg.manifest import PartPlan, build_part, finalize_parts, job_schema, read_summary
+from genimg.publish import publish
 from genimg.queue import redis_errors
 from genimg.spec import JobSpec
 from genimg.stores.base import ObjectStore
@@ -55,6 +58,8 @@ FAILED_SHARDS_LISTED = 1_000
 """Most failed shards (with reasons) ``_SUCCESS`` lists; ``shards_failed`` counts them all."""
 FINALIZE_ROUNDS = 5
 """Most rounds of one finaliser when shards change state while it writes."""
+PART_LOCK_WAIT_S = 120.0
+"""Longest the finaliser waits for a worker compacting a part before it marks duplicates in that part."""
 
 _MARK_DONE = """
 local new = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
@@ -503,12 +508,41 @@ def _finalize(r: redis.Redis, keys: Keys, store: ObjectStore, layout: Layout, sp
         "seconds": seconds,
     }
     summary["images_per_s"] = round(totals.items_ok / max(seconds, 1e-9), 3)
+    report, manifest_bytes = publish(store, layout, spec, summary,
+                                     lock=lambda p: _part_lock(r, keys, spec.job_id, p))
+    summary["manifest"]["bytes"] = manifest_bytes if manifest_bytes is not None else totals.bytes
+    summary["dedup"] = {k: v for k, v in report.to_dict().items() if not k.endswith("_examples")}
+    summary["card"] = card.CARD_OBJECT
     store.put_bytes(f"{layout.job_prefix}/{SUCCESS_OBJECT}", json.dumps(summary, sort_keys=True).encode(),
                     "application/json")
     with redis_errors(f"finalising job {spec.job_id}"):
         r.set(keys.job(spec.job_id, "summary"), json.dumps(summary, sort_keys=True))
     log.info("job finalised", extra={"job_id": spec.job_id, **{k: v for k, v in summary.items()
                                                               if k not in ("failed_shards", "manifest")}})
+
+
+@contextmanager
+def _part_lock(r: redis.Redis, keys: Keys, job_id: str, part: int) -> Iterator[None]:
+    """Hold the lock a worker takes to compact ``part`` (waits at most :data:`PART_LOCK_WAIT_S`).
+
+    Raises:
+        QueueUnavailableError: Redis is unreachable while taking the lock.
+    """
+    lock = keys.job(job_id, f"part:{part}")
+    deadline = time.monotonic() + PART_LOCK_WAIT_S
+    with redis_errors(f"locking part {part} of job {job_id}"):
+        while not r.set(lock, b"1", nx=True, ex=300):
+            if time.monotonic() > deadline:  # its holder died: the lock expires, nobody else writes the part
+                log.warning("part %d still locked; marking it anyway", part, extra={"job_id": job_id})
+                break
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        try:
+            r.delete(lock)
+        except redis.RedisError:
+            pass  # it expires
 
 
 def counts_dict(c: JobCounts) -> dict:

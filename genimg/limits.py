@@ -21,6 +21,9 @@ MAX_PROMPT_BYTES: Final = 8_000
 """Longest prompt, in UTF-8 bytes (what Triton's BYTES tensor carries)."""
 
 MAX_IMAGES_PER_PROMPT: Final = 64
+MAX_SAFE_INTEGER: Final = 2**53 - 1
+"""Largest integer every JSON reader holds exactly (JavaScript's numbers too): int parameters' bound, and
+the item JSON writes larger ones (the uint64 seed) as decimal strings."""
 MAX_SEED: Final = 2**63 - 1
 """Job seeds are in ``[0, MAX_SEED]`` (fits a signed 64-bit integer everywhere)."""
 MAX_TOTAL_ITEMS: Final = 10**9

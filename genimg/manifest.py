@@ -42,13 +42,21 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from genimg.errors import StorageError, StorageNotFoundError, StorageUnavailableError, ValidationError
-from genimg.index import INDEX_SCHEMA, STATUS_OK, dedupe_index, index_from_parquet, index_schema, index_to_parquet
+from genimg.errors import StorageError, StorageNotFoundError, ValidationError
+from genimg.index import (
+    DUPLICATE_OF,
+    INDEX_SCHEMA,
+    STATUS_OK,
+    dedupe_index,
+    index_from_parquet,
+    index_schema,
+    index_to_parquet,
+)
 from genimg.layout import Layout
 from genimg.limits import MANIFEST_PART_ROWS, MAX_MANIFEST_PART_SHARDS, MAX_MANIFEST_PARTS
 from genimg.shardplan import manifest_part_shards_for
@@ -85,8 +93,10 @@ part_shards_for = manifest_part_shards_for
 
 
 def job_schema(spec: JobSpec) -> pa.Schema:
-    """The job's index and manifest schema: the index columns, then the profile's metadata columns."""
-    return index_schema(spec.metadata_columns)
+    """The job's manifest schema: the index columns, the profile's metadata columns, then ``duplicate_of``
+    for a job with ``dedup`` (filled at finalisation, :mod:`genimg.dedup`)."""
+    schema = index_schema(spec.metadata_columns)
+    return schema.append(DUPLICATE_OF) if spec.dedup is not None else schema
 
 
 @dataclass(frozen=True)
@@ -298,14 +308,28 @@ def build_part(store: ObjectStore, layout: Layout, plan: PartPlan, part: int, *,
     finally:
         if own:
             pool.shutdown()
-    data = index_to_parquet(table)
-    summary = _summarise(part, range(start, stop), missing, table, data)
     if write:
-        store.put_bytes(layout.manifest_part_key(part), data, "application/vnd.apache.parquet")
-        store.put_bytes(layout.manifest_summary_key(part), summary.to_json(), "application/json")
-        log.info("wrote manifest part job=%s part=%d shards=%d-%d rows=%d missing=%d", layout.job_id, part,
-                 start, stop - 1, table.num_rows, len(missing))
-    return table, summary
+        return table, write_part(store, layout, plan, part, table, missing)
+    return table, _summarise(part, range(start, stop), missing, table, index_to_parquet(table))
+
+
+def write_part(store: ObjectStore, layout: Layout, plan: PartPlan, part: int, table: pa.Table,
+               shards_missing: tuple[int, ...]) -> PartSummary:
+    """Write ``part-NNNNN.parquet`` from ``table`` (its rows, sorted), then its summary (the part's commit marker).
+
+    Raises:
+        ValidationError: ``part`` out of range, or a table that is not a manifest.
+        StorageUnavailableError: a retryable storage fault.
+        StorageError: another storage fault.
+    """
+    start, stop = plan.part_range(part)
+    data = index_to_parquet(table)
+    summary = _summarise(part, range(start, stop), shards_missing, table, data)
+    store.put_bytes(layout.manifest_part_key(part), data, "application/vnd.apache.parquet")
+    store.put_bytes(layout.manifest_summary_key(part), summary.to_json(), "application/json")
+    log.info("wrote manifest part job=%s part=%d shards=%d-%d rows=%d missing=%d", layout.job_id, part,
+             start, stop - 1, table.num_rows, len(shards_missing))
+    return summary
 
 
 def read_summary(store: ObjectStore, layout: Layout, part: int) -> PartSummary | None:
@@ -387,9 +411,15 @@ def invalidate_parts(store: ObjectStore, layout: Layout, plan: PartPlan, shards:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_part(store: ObjectStore, layout: Layout, part: int) -> pa.Table:
+def read_part(store: ObjectStore, layout: Layout, part: int, schema: pa.Schema | None = None) -> pa.Table:
+    """One written part's rows (with ``schema``'s columns first, when given).
+
+    Raises:
+        StorageNotFoundError: the part has no file.
+        StorageError: not a genimg manifest part, or another storage fault.
+    """
     key = layout.manifest_part_key(part)
-    return index_from_parquet(store.get_bytes(key), source=layout.url(key))
+    return _conform(index_from_parquet(store.get_bytes(key), source=layout.url(key)), schema)
 
 
 def iter_parts(store: ObjectStore, layout: Layout, plan: PartPlan | None = None, *,
@@ -414,7 +444,7 @@ def iter_parts(store: ObjectStore, layout: Layout, plan: PartPlan | None = None,
 
     def load(part: int, stored: bool) -> pa.Table:
         if stored:
-            return _conform(_read_part(store, layout, part), schema)
+            return read_part(store, layout, part, schema)
         assert plan is not None
         return build_part(store, layout, plan, part, schema=schema, pool=reader, write=False)[0]
 
@@ -505,86 +535,9 @@ def build_manifest(store: ObjectStore, layout: Layout, *, write: bool = True, pl
     return pa.concat_tables(tables, promote_options="default").combine_chunks()
 
 
-# --------------------------------------------------------------------------- verifying
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """Outcome of :func:`verify_manifest`.
-
-    Attributes:
-        checked: ok items whose bytes were read and hashed.
-        problems: one line per mismatch or missing object (empty when all good).
-    """
-
-    checked: int
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-def verify_manifest(store: ObjectStore, layout: Layout, manifest: pa.Table | None = None, *,
-                    ranged: bool = True) -> VerifyReport:
-    """Check every ok item's sha256 against the bytes at its ``tar_offset``/``tar_size``.
-
-    Args:
-        store: the job's bucket.
-        layout: the job's layout.
-        manifest: the rows to check; ``None`` streams the written parts one at a time.
-        ranged: one ranged GET per item (what a reader does); ``False``
-            downloads each tar once and slices it (fewer requests).
-
-    Returns:
-        Items checked and the problems found.
-
-    Raises:
-        StorageUnavailableError: a retryable storage fault.
-        StorageError: another storage fault.
-    """
-    if store.bucket != layout.bucket:
-        raise ValidationError(f"store is for bucket {store.bucket!r}, layout for {layout.bucket!r}")
-    tables = [manifest] if manifest is not None else iter_parts(store, layout)
-    checked, problems = 0, []
-    for table in tables:
-        rows = table.filter(pc.equal(table["status"], STATUS_OK)).select(
-            ["item_index", "tar_key", "tar_offset", "tar_size", "sha256"]).to_pylist()
-        rows.sort(key=lambda r: (r["tar_key"], r["tar_offset"]))
-        checked += len(rows)
-        problems += _verify_rows(store, rows, ranged)
-    return VerifyReport(checked=checked, problems=problems)
-
-
-def _verify_rows(store: ObjectStore, rows: list[dict[str, Any]], ranged: bool) -> list[str]:
-    problems: list[str] = []
-    current_key, current_tar = None, b""  # ranged=False keeps one tar in memory at a time
-    for row in rows:
-        tar_key, offset, size = row["tar_key"], row["tar_offset"], row["tar_size"]
-        try:
-            if ranged:
-                data = store.get_range(tar_key, offset, size)
-            else:
-                if tar_key != current_key:
-                    current_key, current_tar = tar_key, b""
-                    current_tar = store.get_bytes(tar_key)
-                data = current_tar[offset : offset + size]
-        except StorageUnavailableError:
-            raise
-        except StorageNotFoundError:
-            problems.append(f"item {row['item_index']}: {tar_key} is missing")
-            continue
-        except StorageError as e:
-            problems.append(f"item {row['item_index']}: {e}")
-            continue
-        if sha256_hex(data) != row["sha256"]:
-            problems.append(f"item {row['item_index']}: sha256 mismatch in {tar_key} at {offset}+{size}")
-    return problems
-
-
 __all__ = [
     "BATCH_ROWS", "MAX_PART_SHARDS", "PART_ROWS", "TABLE_MAX_ROWS", "ManifestTooLargeError",
-    "ManifestTotals", "PartPlan", "PartSummary", "VerifyReport", "build_manifest", "build_part",
+    "ManifestTotals", "PartPlan", "PartSummary", "build_manifest", "build_part",
     "finalize_parts", "invalidate_parts", "iter_batches", "iter_parts", "job_schema", "part_shards_for",
-    "read_summary", "read_table", "summarised_parts", "verify_manifest", "written_parts",
+    "read_part", "read_summary", "write_part", "read_table", "summarised_parts", "written_parts",
 ]

@@ -21,6 +21,7 @@ every metric, with the PromQL that the dashboard and rules use.
 | ``genimg_stage_seconds`` | histogram | stage (infer, encode, upload, shard, expand) | seconds |
 | ``genimg_expand_tokens`` | histogram | expander | tokens written per expansion (prompt expansion) |
 | ``genimg_expand_seconds`` | histogram | expander | seconds per expansion |
+| ``genimg_regenerations_total`` | counter | model | extra seeds tried for items that failed ``keep_if`` |
 | ``genimg_shards_in_flight`` | gauge (livesum) | — | shards |
 | ``genimg_s3_throttled_total`` | counter | operation, code | S3 responses that throttled (every attempt) |
 | ``genimg_s3_retries_total`` | counter | operation, code | failed S3 attempts botocore retried |
@@ -37,6 +38,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from genimg.errors import GenImgError, NonFiniteOutputError, RetryableError
+from genimg.keepif import KEEP_IF_UNMET
 
 EXPANSION_FAILURE_REASONS = ("expansion_empty", "expansion_too_long")
 """Item failure reasons of prompt expansion (:mod:`genimg.expand`), exported at 0 from the start."""
@@ -49,7 +51,7 @@ EXPAND_TOKEN_BUCKETS = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
 def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, Histogram, Gauge, Counter, Counter,
-                       Histogram, Histogram]:
+                       Histogram, Histogram, Counter]:
     return (
         Counter("genimg_images_written", "Images committed to storage.", ["model", "format"]),
         Counter("genimg_bytes_written", "Encoded image bytes committed to storage.", ["model"]),
@@ -70,6 +72,8 @@ def _define() -> tuple[Counter, Counter, Counter, Counter, Counter, Counter, His
                   "per item with expand.per=item).", ["expander"], buckets=EXPAND_TOKEN_BUCKETS),
         Histogram("genimg_expand_seconds", "Seconds of prompt expansion per expansion (a request's seconds over "
                   "the expansions in it).", ["expander"], buckets=STAGE_BUCKETS_S),
+        Counter("genimg_regenerations", "Extra seeds tried for items whose image failed the job's keep_if "
+                "(counted with the committed shard, like images written).", ["model"]),
     )
 
 
@@ -101,11 +105,13 @@ def _zero_known_series() -> None:
 
     for model in known_models():
         BYTES_WRITTEN.labels(model)
+        REGENERATIONS.labels(model)
         for fmt in IMAGE_FORMATS:
             IMAGES_WRITTEN.labels(model, fmt)
     for stage in STAGES:
         STAGE_SECONDS.labels(stage)
     ITEMS_FAILED.labels(NonFiniteOutputError.reason)
+    ITEMS_FAILED.labels(KEEP_IF_UNMET)
     for reason in EXPANSION_FAILURE_REASONS:
         ITEMS_FAILED.labels(reason)
     for reason in SHARD_FAILURE_REASONS:
@@ -134,7 +140,7 @@ SHARD_RETRY_REASONS = tuple(_reason_names(RetryableError) + ["SoftTimeLimitExcee
 
 
 (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
- SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS) = _define()
+ SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS, REGENERATIONS) = _define()
 _zero_known_series()
 
 
@@ -150,19 +156,20 @@ def _use_multiprocess_values() -> None:
     ``metrics.NAME`` at call time, so they pick up the new objects).
     """
     global IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED
-    global STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS
+    global STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS, REGENERATIONS
     from prometheus_client import REGISTRY, values
 
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
     for metric in (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED,
-                   STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS):
+                   STAGE_SECONDS, SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS,
+                   REGENERATIONS):
         try:
             REGISTRY.unregister(metric)
         except KeyError:
             pass
     (IMAGES_WRITTEN, BYTES_WRITTEN, ITEMS_FAILED, SHARDS_COMMITTED, SHARDS_RETRIED, SHARDS_FAILED, STAGE_SECONDS,
-     SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS) = _define()
+     SHARDS_IN_FLIGHT, S3_THROTTLED, S3_RETRIES, EXPAND_TOKENS, EXPAND_SECONDS, REGENERATIONS) = _define()
     _zero_known_series()
 
 

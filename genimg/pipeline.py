@@ -10,6 +10,14 @@ one process uploads while the others keep Triton busy.
 
 Every item's seed depends on ``(job seed, item index)`` only (case C11), so a
 shard computed twice, or with another sub-batch size, gives the same bytes.
+
+With the job's ``keep_if`` (:mod:`genimg.keepif`), the shard's items are first
+made as without it (attempt 0); the items whose metadata fails the predicate
+are made again together, in rounds (attempt 1, 2, ..., with
+:func:`genimg.seeds.attempt_seed`, the same prompt and revised prompt), until
+each passes or ``regenerate`` rounds are spent. Which items a round holds
+depends on each item's own images only, so the result does not depend on
+sub-batch size, shards or retries either.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from genimg import imaging, metrics
 from genimg.errors import NonFiniteOutputError
 from genimg.index import index_schema
 from genimg.inputs import decode_prompt_chunk, prompt_chunk_key, prompt_chunks_for_items
+from genimg.keepif import KEEP_IF_UNMET
 from genimg.layout import Layout
 from genimg.profiles.params import batch_key
 from genimg.profiles.schema import ModelProfile
@@ -42,7 +51,7 @@ from genimg.profiles.tensors import (
     read_metadata,
     stage_outputs,
 )
-from genimg.seeds import item_seeds
+from genimg.seeds import attempt_seeds, item_seeds
 from genimg.shardplan import item_to_prompt_index
 from genimg.shards import ShardItem, commit_shard
 from genimg.spec import JobSpec
@@ -70,6 +79,8 @@ class ShardResult:
     bytes_written: int = 0
     model: str = ""
     failed_by_reason: dict[str, int] = field(default_factory=dict)
+    regenerated: int = 0
+    """Extra seeds tried for ``keep_if`` (the sum of ``tries - 1`` over the shard's items)."""
 
 
 def count_committed(result: ShardResult, image_format: str) -> None:
@@ -79,6 +90,8 @@ def count_committed(result: ShardResult, image_format: str) -> None:
     metrics.BYTES_WRITTEN.labels(result.model).inc(result.bytes_written)
     for reason, n in result.failed_by_reason.items():
         metrics.ITEMS_FAILED.labels(reason).inc(n)
+    if result.regenerated:
+        metrics.REGENERATIONS.labels(result.model).inc(result.regenerated)
 
 
 def result_from_index(spec: JobSpec, shard_index: int, index) -> ShardResult:
@@ -91,10 +104,12 @@ def result_from_index(spec: JobSpec, shard_index: int, index) -> ShardResult:
     """
     rows = index.select(["status", "reason", "tar_size", "model"]).to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]
+    tries = index["tries"].to_pylist() if "tries" in index.column_names else []
     return ShardResult(spec.job_id, shard_index, len(ok), len(rows) - len(ok),
                        bytes_written=sum(int(r["tar_size"] or 0) for r in ok),
                        model=rows[0]["model"] if rows else ensemble_for(spec),
-                       failed_by_reason=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")))
+                       failed_by_reason=dict(Counter(str(r["reason"]) for r in rows if r["status"] != "ok")),
+                       regenerated=sum(int(t or 1) - 1 for t in tries))
 
 
 class Infer:
@@ -215,12 +230,13 @@ class PromptStageCache:
         return {o: np.stack([rows[p][o] for p in texts]) for o in self.outputs}
 
 
-def plan_requests(spec: JobSpec, indices: np.ndarray, seeds: np.ndarray, prompts: list[str | None]
-                  ) -> list[_SubBatch]:
-    """Cut a shard's items into requests of at most ``sub_batch_size`` items.
+def plan_requests(spec: JobSpec, indices: np.ndarray, seeds: np.ndarray, prompts: list[str | None],
+                  attempt: int = 0) -> list[_SubBatch]:
+    """Cut a shard's items (or one ``keep_if`` round's) into requests of at most ``sub_batch_size`` items.
 
     Items are taken in order; items whose shape-changing parameters differ
-    (:func:`genimg.profiles.params.batch_key`) never share a request.
+    (:func:`genimg.profiles.params.batch_key`) never share a request. ``attempt``
+    is the round the seeds belong to (0: the items' own seeds).
     """
     values = item_values(spec.params, indices)
     keys = [batch_key(spec.profile, v) for v in values]
@@ -231,7 +247,8 @@ def plan_requests(spec: JobSpec, indices: np.ndarray, seeds: np.ndarray, prompts
     for members in groups.values():
         for i in range(0, len(members), spec.sub_batch_size):
             sel = np.array(members[i:i + spec.sub_batch_size], dtype=np.int64)
-            out.append(_SubBatch(indices[sel], seeds[sel], [prompts[j] for j in sel], [values[j] for j in sel]))
+            out.append(_SubBatch(indices[sel], seeds[sel], [prompts[j] for j in sel], [values[j] for j in sel],
+                                 attempt=attempt))
     out.sort(key=lambda b: int(b.indices[0]))
     return out
 
@@ -245,6 +262,7 @@ class _SubBatch:
     out: dict[str, np.ndarray] | None = None
     infer_s: float = 0.0
     expansions: list | None = None
+    attempt: int = 0
 
 
 def load_wildcards(store: ObjectStore, layout: Layout, spec: JobSpec) -> dict[str, list[str]]:
@@ -359,7 +377,11 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         metrics.STAGE_SECONDS.labels("infer").observe(b.infer_s)
         return b
 
-    def encode(b: _SubBatch) -> list[ShardItem]:
+    rule = spec.keep_rule
+    spent: dict[int, float] = {}  # inference seconds of an item's earlier keep_if attempts
+
+    def encode(b: _SubBatch) -> tuple[list[ShardItem], list[int]]:
+        """The sub-batch's finished items, and the item indices that ``keep_if`` sends to the next round."""
         t = time.perf_counter()
         assert b.out is not None
         images, finite = read_images(profile, b.out)
@@ -367,7 +389,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         if not finite.all():  # retry the non-finite items once, alone (case C9)
             bad = np.flatnonzero(~finite)
             retry = run_infer(_SubBatch(b.indices[bad], b.seeds[bad], [b.prompts[i] for i in bad],
-                                        [b.values[i] for i in bad]))
+                                        [b.values[i] for i in bad], attempt=b.attempt))
             assert retry.out is not None
             r_images, r_finite = read_images(profile, retry.out)
             images, finite = images.copy(), finite.copy()
@@ -375,41 +397,63 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
             out = {k: np.array(v, copy=True) for k, v in out.items()}
             for k in out:
                 out[k][bad] = retry.out[k]
-        items = []
+        items: list[ShardItem] = []
+        again: list[int] = []
         per_item_infer = b.infer_s / max(len(b.indices), 1)
+        tries = {"tries": b.attempt + 1} if rule is not None else {}
         for j, idx in enumerate(b.indices):
             common: dict[str, Any] = dict(
                 item_index=int(idx), seed=int(b.seeds[j]), model=model, model_version=model_version,
                 profile=profile.name, params=b.values[j], prompt=b.prompts[j],
-                negative_prompt=spec.negative_prompt, infer_s=per_item_infer)
+                negative_prompt=spec.negative_prompt, infer_s=per_item_infer + spent.pop(int(idx), 0.0))
             if b.expansions is not None:  # prompt: the job's; revised_prompt: what the image model saw
                 e = b.expansions[j]
                 common["prompt"] = sources[int(idx)]
-                columns = expansion_columns(e, sources[int(idx)], expander_name, expander_version)
+                columns = {**expansion_columns(e, sources[int(idx)], expander_name, expander_version), **tries}
                 if e.reason is not None:  # its image (made from "") is dropped
                     items.append(ShardItem(reason=e.reason, extra=columns, **common))
                     continue
             else:
-                columns = {}
+                columns = dict(tries)
             if not finite[j]:
                 items.append(ShardItem(reason=NON_FINITE, extra=columns, **common))
+                continue
+            meta = read_metadata(profile, out, j)
+            if rule is not None and not rule.passes(meta):
+                if b.attempt < spec.regenerate:
+                    again.append(int(idx))  # made again next round, from its next seed
+                    spent[int(idx)] = float(common["infer_s"])
+                else:  # the last seed tried, and its image's metadata
+                    items.append(ShardItem(reason=KEEP_IF_UNMET, extra={**meta, **columns}, **common))
                 continue
             te = time.perf_counter()
             data = imaging.encode(images[j], spec.image_format, spec.quality)
             items.append(ShardItem(image=data, format=spec.image_format, width=int(images.shape[2]),
-                                   height=int(images.shape[1]), extra={**read_metadata(profile, out, j), **columns},
-                                   encode_s=time.perf_counter() - te, **common))
+                                   height=int(images.shape[1]), extra={**meta, **columns},
+                                   phash=imaging.phash(images[j]), encode_s=time.perf_counter() - te, **common))
         metrics.STAGE_SECONDS.labels("encode").observe(time.perf_counter() - t)
-        return items
+        return items, again
 
     items: list[ShardItem] = []
+    regenerated = 0
     try:
         with ThreadPoolExecutor(max(1, infer_inflight), thread_name_prefix="infer") as ipool, \
                 ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="encode") as epool:
-            inferred = [ipool.submit(run_infer, b) for b in batches]
-            encoded = [epool.submit(encode, f.result()) for f in inferred]
-            for f in encoded:
-                items.extend(f.result())
+            attempt = 0
+            while batches:  # one round per attempt; rounds after the first only with keep_if
+                inferred = [ipool.submit(run_infer, b) for b in batches]
+                encoded = [epool.submit(encode, f.result()) for f in inferred]
+                again: list[int] = []
+                for f in encoded:
+                    done, redo = f.result()
+                    items.extend(done)
+                    again.extend(redo)
+                attempt += 1
+                regenerated += len(again)
+                again.sort()
+                redo_idx = np.array(again, dtype=np.int64)
+                batches = plan_requests(spec, redo_idx, attempt_seeds(spec.seed, redo_idx, attempt),
+                                        [sources[i] for i in again], attempt=attempt) if again else []
     finally:
         if expander is not None:
             expander.close()
@@ -419,7 +463,9 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
         stage_seconds["expand"] = expander.seconds
         metrics.STAGE_SECONDS.labels("expand").observe(expander.seconds)
     schema = index_schema(spec.metadata_columns)
-    commit = commit_shard(store, layout, shard_index, items, stage_seconds=stage_seconds, schema=schema)
+    extra_stats = keep_if_stats(spec, items, regenerated) if rule is not None else None
+    commit = commit_shard(store, layout, shard_index, items, stage_seconds=stage_seconds, schema=schema,
+                          extra_stats=extra_stats)
     upload_s = float(commit.stats["seconds"].get("upload", 0.0))
     metrics.STAGE_SECONDS.labels("upload").observe(upload_s)
     ok = [it for it in items if it.ok]
@@ -428,4 +474,18 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
     return ShardResult(spec.job_id, shard_index, len(ok), len(items) - len(ok),
                        {**stage_seconds, "upload": upload_s, "shard": total_s},
                        bytes_written=sum(len(it.image or b"") for it in ok), model=model,
-                       failed_by_reason=dict(Counter(it.reason or "" for it in items if not it.ok)))
+                       failed_by_reason=dict(Counter(it.reason or "" for it in items if not it.ok)),
+                       regenerated=regenerated)
+
+
+def keep_if_stats(spec: JobSpec, items: list[ShardItem], regenerated: int) -> dict:
+    """The ``keep_if`` block of a shard's stats JSON.
+
+    Returns:
+        ``{"keep_if": {"rule", "regenerate", "regenerated" (extra seeds tried), "passed" (items kept),
+        "unmet" (items failed keep_if_unmet), "tries" ({tries: items kept after that many seeds})}}``.
+    """
+    kept = Counter(int(it.extra["tries"]) for it in items if it.ok)
+    return {"keep_if": {"rule": spec.keep_if, "regenerate": spec.regenerate, "regenerated": regenerated,
+                        "passed": sum(kept.values()), "unmet": sum(1 for it in items if it.reason == KEEP_IF_UNMET),
+                        "tries": {str(k): kept[k] for k in sorted(kept)}}}

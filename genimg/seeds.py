@@ -5,6 +5,20 @@ Definition::
     item_seed(s, i) = SeedSequence(uint32[s & M32, s >> 32, i & M32, i >> 32]).generate_state(1, uint64)[0]
     noise           = numpy.random.default_rng(item_seed).standard_normal(z_dim, dtype=float32)
 
+An item that a job's ``keep_if`` makes again (:mod:`genimg.keepif`) tries
+seeds ``attempt_seed(s, i, k)`` for ``k = 0, 1, ..., regenerate``::
+
+    attempt_seed(s, i, 0) = item_seed(s, i)
+    attempt_seed(s, i, k) = SeedSequence(uint32[s & M32, s >> 32, i & M32, i >> 32],
+                                         spawn_key=(ATTEMPT_DOMAIN, k)).generate_state(1, uint64)[0]
+
+numpy assembles a seed sequence's input as the entropy words padded to its
+pool size (4), then the spawn key: attempt 0 hashes the four words, attempt
+k >= 1 the six words ``[..., 0x6B656570, k]``. No attempt's input is another
+attempt's (or another item's), nor a child of ``SeedSequence.spawn`` (whose
+spawn keys have one word); the 64-bit outputs of distinct inputs coincide
+with probability 2**-64, as between any two items.
+
 The entropy is four fixed-width 32-bit words because ``SeedSequence([s, i])``
 packs each int into a variable number of words, so e.g. ``[1, 2**32 + 2]`` and
 ``[1 + 2*2**32, 1]`` would collide. Streams are numpy's (``SeedSequence`` and
@@ -43,6 +57,43 @@ def item_seed(job_seed: int, item_index: int) -> int:
     check_int(item_index, "item_index", 0, MAX_SEED)
     ss = np.random.SeedSequence(_entropy_words(int(job_seed), int(item_index)))
     return int(ss.generate_state(1, np.uint64)[0])
+
+
+ATTEMPT_DOMAIN = 0x6B65_6570
+"""First spawn-key word of a regeneration attempt's seed (ASCII ``keep``): keeps attempts apart from attempt 0."""
+MAX_ATTEMPT = 2**32 - 1
+
+
+def attempt_seed(job_seed: int, item_index: int, attempt: int) -> int:
+    """The seed of an item's ``attempt``-th image (``keep_if`` regeneration), in ``[0, 2**64)``.
+
+    Attempt 0 is the item's seed (:func:`item_seed`), so a job whose items all pass
+    at once makes the same images as the job without ``keep_if``; attempt ``k >= 1``
+    is drawn from the seed sequence of ``(job seed, item index)`` with spawn key
+    ``(ATTEMPT_DOMAIN, k)`` (see the module docstring).
+
+    Raises:
+        ValidationError: ``field="seed"``, ``"item_index"`` or ``"attempt"`` out of range.
+    """
+    check_int(attempt, "attempt", 0, MAX_ATTEMPT)
+    if attempt == 0:
+        return item_seed(job_seed, item_index)
+    check_int(job_seed, "seed", 0, MAX_SEED)
+    check_int(item_index, "item_index", 0, MAX_SEED)
+    ss = np.random.SeedSequence(_entropy_words(int(job_seed), int(item_index)),
+                                spawn_key=(ATTEMPT_DOMAIN, int(attempt)))
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
+def attempt_seeds(job_seed: int, item_indices: Iterable[int] | np.ndarray, attempt: int) -> np.ndarray:
+    """:func:`attempt_seed` for many items at one attempt.
+
+    Returns:
+        uint64 array ``[B]``; element ``k`` is ``attempt_seed(job_seed, item_indices[k], attempt)``.
+    """
+    check_int(job_seed, "seed", 0, MAX_SEED)
+    idx = _as_indices(item_indices)
+    return np.array([attempt_seed(job_seed, int(i), attempt) for i in idx], dtype=np.uint64)
 
 
 def noise_from_seed(seed: int, z_dim: int = Z_DIM) -> np.ndarray:

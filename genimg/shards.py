@@ -28,6 +28,13 @@ JSON in the tar carries only content (no timings), so a retried shard's tar is
 identical even though its timings differ; timings live in the index
 (``infer_s``, ``encode_s``) and the stats JSON.
 
+**Item JSON** (:meth:`ShardItem.json_metadata`): every number in it is exact
+in every JSON reader (JavaScript's numbers included): the uint64 ``seed`` is a
+decimal string, and so is any other integer beyond ±(2**53 - 1); keys without
+a value are left out. The index keeps ``seed`` as ``uint64``. ``phash`` is in
+the index only (it depends on the resampler and DCT of the worker's libraries;
+the tar depends on the pixels alone).
+
 **Failed items** (e.g. reason ``non_finite_output``) are rows with
 ``status="failed"`` and a ``reason`` in the index, and have no tar members.
 """
@@ -37,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tarfile
 import time
 from collections import Counter
@@ -50,6 +58,7 @@ from genimg.errors import ValidationError
 from genimg.imaging import EXTENSIONS, FORMATS
 from genimg.index import INDEX_SCHEMA, STATUS_FAILED, STATUS_OK, index_from_parquet, index_to_parquet
 from genimg.layout import Layout
+from genimg.limits import MAX_SAFE_INTEGER
 from genimg.profiles.params import params_json
 from genimg.stores.base import ObjectStore, sha256_hex
 
@@ -59,6 +68,7 @@ ITEM_KEY_DIGITS = 9
 """Digits of an item key: item indices are below 10**9."""
 
 MAX_ITEM_INDEX = 10**ITEM_KEY_DIGITS - 1
+_PHASH_RE = re.compile(r"^[0-9a-f]{16}$")
 
 
 def item_key(item_index: int) -> str:
@@ -78,7 +88,8 @@ class ShardItem:
 
     Attributes:
         item_index: global index in ``[0, 10**9)``.
-        seed: the item's derived seed, ``[0, 2**64)``.
+        seed: the seed of the item's image, ``[0, 2**64)``: its derived seed, or with ``keep_if`` the kept
+            attempt's (:func:`genimg.seeds.attempt_seed`).
         model: Triton model (ensemble) name.
         model_version: content hash of the served model files (or Triton's version).
         profile: the model profile's name.
@@ -90,6 +101,8 @@ class ShardItem:
         width: image width in pixels.
         height: image height in pixels.
         extra: the profile's metadata columns (JSON values; ``None`` where unknown).
+        phash: 64-bit perceptual hash of the pixels as 16 lowercase hex digits
+            (:func:`genimg.imaging.phash`); index only, never in the item JSON; ``None`` when failed or unknown.
         reason: failure reason (e.g. ``non_finite_output``); ``None`` when ok.
         infer_s: seconds of inference attributed to this item.
         encode_s: seconds spent encoding this item.
@@ -111,6 +124,7 @@ class ShardItem:
     width: int | None = None
     height: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    phash: str | None = None
     reason: str | None = None
     infer_s: float = 0.0
     encode_s: float = 0.0
@@ -123,9 +137,14 @@ class ShardItem:
         for name, value in self.extra.items():
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValidationError(f"item {self.item_index}: metadata {name} must be finite, got {value}")
+        if self.phash is not None and not _PHASH_RE.match(self.phash):
+            raise ValidationError(f"item {self.item_index}: phash must be 16 lowercase hex digits, got "
+                                  f"{self.phash[:40]!r}", field="phash")
         if self.infer_s < 0 or self.encode_s < 0:
             raise ValidationError(f"item {self.item_index}: negative timings")
         if self.image is None:
+            if self.phash is not None:
+                raise ValidationError(f"item {self.item_index}: an item without an image has no phash")
             if not self.reason:
                 raise ValidationError(f"item {self.item_index}: an item without an image needs a reason")
         else:
@@ -147,7 +166,7 @@ class ShardItem:
         return item_key(self.item_index)
 
     def metadata(self, job_id: str) -> dict[str, Any]:
-        """The per-item JSON stored in the tar: content only, no timings (deterministic)."""
+        """The item's content fields, with Python values (the seed an int): what the index and the JSON share."""
         meta = {
             "job_id": job_id,
             "item_index": self.item_index,
@@ -167,6 +186,34 @@ class ShardItem:
         if self.negative_prompt is not None:
             meta["negative_prompt"] = self.negative_prompt
         return meta
+
+    def json_metadata(self, job_id: str) -> dict[str, Any]:
+        """The per-item JSON stored in the tar: content only, no timings (deterministic).
+
+        Every number in it is exact in every JSON reader, JavaScript's included
+        (:data:`MAX_SAFE_INTEGER`): ``seed`` is a decimal string (it is a uint64), and
+        any other integer beyond ±(2**53 - 1) (a metadata value) is one too. The
+        index keeps them as integers. Keys without a value (``prompt`` of a noise job, a
+        non-finite score) are left out rather than written as ``null``, which batch
+        collation (torch's ``default_collate``) cannot stack.
+        """
+        return json_safe(self.metadata(job_id))
+
+
+def json_safe(row: Mapping[str, Any]) -> dict[str, Any]:
+    """``row`` as every JSON reader holds it exactly (the item JSON; ``genimg manifest --out x.jsonl``).
+
+    ``seed`` becomes a decimal string (a uint64, usually beyond 2**53), as does any other integer
+    beyond ±:data:`~genimg.limits.MAX_SAFE_INTEGER`; keys whose value is ``None`` are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if value is None:
+            continue
+        if key == "seed" or (isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SAFE_INTEGER):
+            value = str(value)
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- building a shard
@@ -292,7 +339,7 @@ class ShardWriter:
         for item in items:
             if item.image is None:
                 continue
-            doc = json.dumps(item.metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            doc = json.dumps(item.json_metadata(job_id), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
             members.append((f"{item.key}.{EXTENSIONS[str(item.format)]}", item.image))
             members.append((f"{item.key}.json", doc.encode("utf-8")))
         tar_bytes, spans = write_tar(members)
@@ -314,6 +361,7 @@ class ShardWriter:
                 "tar_offset": span[0] if span else None,
                 "tar_size": span[1] if span else None,
                 **{k: meta[k] for k in ("width", "height", "format", "sha256")},
+                "phash": item.phash,
                 "status": STATUS_OK if item.ok else STATUS_FAILED,
                 "reason": item.reason,
                 "infer_s": float(item.infer_s),
@@ -388,6 +436,7 @@ def commit_shard(
     *,
     stage_seconds: Mapping[str, float] | None = None,
     schema: pa.Schema | None = None,
+    extra_stats: Mapping[str, Any] | None = None,
 ) -> ShardCommit:
     """Upload a shard: the tar, then the stats JSON, then the index (the commit marker) last.
 
@@ -404,6 +453,8 @@ def commit_shard(
             ``infer``/``encode`` are summed from the items and ``upload`` measured here
             unless given.
         schema: the index schema when ``items`` are items (:func:`index_schema`).
+        extra_stats: more top-level keys for the stats JSON (JSON values), e.g. the
+            ``keep_if`` block of :func:`genimg.pipeline.keep_if_stats`.
 
     Returns:
         Keys written and the stats.
@@ -434,6 +485,7 @@ def commit_shard(
         "tar_bytes": tar_put.size_bytes,
         "tar_sha256": tar_put.sha256,
         "index_key": index_key,
+        **dict(extra_stats or {}),
     }
     stats_bytes = json.dumps(stats, sort_keys=True, separators=(",", ":")).encode("utf-8")
     store.put_bytes(layout.stats_key(shard_index), stats_bytes, "application/json")

@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import pydantic
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictStr, ValidationInfo
 
 from genimg.errors import ValidationError
 from genimg.expand import ExpandFieldError, ExpandSpec
+from genimg.keepif import KEEP_IF_COLUMNS, MAX_REGENERATE, MAX_SHARD_TRIES, KeepIf, check_column, parse_keep_if
 from genimg.layout import JOB_ID_PATTERN
 from genimg.limits import (
     DEFAULT_PROMPT_CHUNK_SIZE,
@@ -57,6 +58,9 @@ SCHEMA_VERSION: Final = 2
 Version 2 stores the resolved model profile and the generation parameters."""
 
 IMAGE_FORMATS: Final = ("png", "webp", "jpeg")
+
+OMITTED_WHEN_UNSET: Final = ("keep_if", "dedup")
+"""JobSpec fields :meth:`JobSpec.to_json` leaves out while ``None`` (added within schema version 2)."""
 
 PRIORITY_NAMES: Final = {"low": 0, "normal": 5, "high": 9}
 """Named priorities. Priorities are ints 0..9 where a HIGHER number runs sooner;
@@ -160,6 +164,11 @@ class JobSpec(BaseModel):
         prompt_chunk_size: text profiles only: prompts per stored chunk, 1..10,000.
         images_per_prompt: 1..64 for text profiles; must be 1 for noise profiles.
         seed: job seed, 0..2**63-1; item seeds derive from it (:func:`genimg.seeds.item_seed`).
+        keep_if: the quality filter (:mod:`genimg.keepif`), ``"<column> <op> <number>"`` on one of the
+            profile's int or float metadata columns, e.g. ``"score >= 0.9"``; stored in canonical form.
+            ``None``: every image is kept.
+        regenerate: with ``keep_if``, extra seeds an item may try until its image passes, 0..64
+            (:func:`genimg.seeds.attempt_seed`); an item that never passes is failed ``keep_if_unmet``.
         output: normalised output URL (:func:`genimg.urls.validate_output_url`); the job's
             files live under ``{output}/{job_id}/``.
         image_format: ``png``, ``webp`` or ``jpeg``.
@@ -177,6 +186,9 @@ class JobSpec(BaseModel):
         created_at: timezone-aware submit time, stored in UTC.
         expand: prompt expansion (:class:`genimg.expand.ExpandSpec`: template, language model,
             max_new_tokens, temperature), text profiles only; ``None``: prompts go to the model as given.
+        dedup: mark duplicates in the manifest's ``duplicate_of`` column at finalisation: ``"exact"``
+            (same image sha256) or ``"near"`` (pHash within :data:`genimg.dedup.NEAR_DISTANCE` bits, exact
+            ones included); ``None`` (default): only reported (``dedup.json``). Nothing is ever deleted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
@@ -193,6 +205,8 @@ class JobSpec(BaseModel):
     prompt_chunk_size: _Int | None = Field(default=None, ge=1, le=MAX_PROMPT_CHUNK_SIZE)
     images_per_prompt: _Int = Field(default=1, ge=1, le=MAX_IMAGES_PER_PROMPT)
     seed: _Int = Field(default=0, ge=0, le=MAX_SEED)
+    keep_if: StrictStr | None = None
+    regenerate: _Int = Field(default=0, ge=0, le=MAX_REGENERATE)
     output: str = Field(max_length=MAX_OUTPUT_URL_CHARS)
     image_format: Literal["png", "webp", "jpeg"] = "png"
     quality: _Int = Field(default=95, ge=1, le=100)
@@ -207,6 +221,7 @@ class JobSpec(BaseModel):
                                         pattern=_IDEMPOTENCY_KEY_RE.pattern)
     created_at: datetime
     expand: ExpandSpec | None = None
+    dedup: Literal["exact", "near"] | None = None
 
     # ---- construction
 
@@ -264,8 +279,16 @@ class JobSpec(BaseModel):
             raise _from_pydantic(e) from e
 
     def to_json(self) -> str:
-        """The spec as compact JSON (fields in declaration order), as stored in ``job.json``."""
-        return self.model_dump_json()
+        """The spec as compact JSON (fields in declaration order), as stored in ``job.json``.
+
+        Optional fields added after a job layout was in use (:data:`OMITTED_WHEN_UNSET`, and
+        ``regenerate`` while it is 0 without ``keep_if``) are left out while unset, so a job that does not
+        use them stores the same bytes as before they existed.
+        """
+        unset = {name for name in OMITTED_WHEN_UNSET if getattr(self, name) is None}
+        if self.keep_if is None and self.regenerate == 0:
+            unset.add("regenerate")
+        return self.model_dump_json(exclude=unset or None)
 
     # ---- validators
 
@@ -285,6 +308,10 @@ class JobSpec(BaseModel):
                     raise _FieldError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
             if data.get("created_at") is None:
                 data["created_at"] = datetime.now(UTC)
+            regenerate = data.get("regenerate", 0)
+            if data.get("keep_if") is not None and "shard_size" not in data and type(regenerate) is int \
+                    and 0 <= regenerate <= MAX_REGENERATE:  # every shard's worst case within MAX_SHARD_TRIES
+                data["shard_size"] = min(1_000, MAX_SHARD_TRIES // (1 + regenerate))
             size = data.get("shard_size", 1_000)
             if data.get("manifest_part_shards") is None and type(size) is int and size >= 1:
                 data["manifest_part_shards"] = manifest_part_shards_for(size)
@@ -302,6 +329,11 @@ class JobSpec(BaseModel):
             if problem is not None:
                 raise ValueError(problem)
         return value
+
+    @pydantic.field_validator("keep_if")
+    @classmethod
+    def _check_keep_if(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_keep_if(value))
 
     @pydantic.field_validator("output")
     @classmethod
@@ -374,6 +406,22 @@ class JobSpec(BaseModel):
             problem = prompt_problem(self.expand.template.replace("{prompt}", ""))
             if problem is not None:
                 raise _FieldError("expand.template", problem)
+        if self.keep_if is not None:
+            try:
+                check_column(parse_keep_if(self.keep_if), {c: m.type for c, m in self.profile.metadata.items()},
+                             self.profile.name)
+            except ValueError as e:
+                raise _FieldError("keep_if", str(e)) from None
+            tries = self.shard_size * (1 + self.regenerate)
+            if tries > MAX_SHARD_TRIES:
+                raise _FieldError("shard_size", f"{self.shard_size:,} items x (1 + regenerate {self.regenerate}) = "
+                                                f"{tries:,} images a shard may have to make; the limit is "
+                                                f"{MAX_SHARD_TRIES:,} (so that a shard finishes within the task "
+                                                f"time limit): use shard_size <= "
+                                                f"{MAX_SHARD_TRIES // (1 + self.regenerate):,} or leave it out")
+        elif self.regenerate:
+            raise _FieldError("regenerate", f"is {self.regenerate} but there is no keep_if to regenerate for; "
+                                            "give keep_if (e.g. 'score >= 0.9') or leave regenerate at 0")
         if self.negative_prompt is not None and not any(
                 b.kind == "negative_prompt" for b in self.profile.inputs.values()):
             raise _FieldError("negative_prompt", f"profile {self.profile.name!r} takes no negative prompt")
@@ -408,6 +456,11 @@ class JobSpec(BaseModel):
         return (self.num_prompts or 0) * self.images_per_prompt
 
     @property
+    def keep_rule(self) -> KeepIf | None:
+        """The parsed ``keep_if`` (:class:`genimg.keepif.KeepIf`), or ``None`` without a filter."""
+        return None if self.keep_if is None else parse_keep_if(self.keep_if)
+
+    @property
     def job_prefix(self) -> str:
         """URL under which this job's files live: ``{output}/{job_id}``."""
         return f"{self.output}/{self.job_id}"
@@ -419,15 +472,20 @@ class JobSpec(BaseModel):
 
     @property
     def metadata_columns(self) -> dict[str, str]:
-        """The job's per-item columns after the index's own: the profile's metadata, then the expansion's.
+        """The job's per-item columns after the index's own: the profile's metadata, the expansion's, the filter's.
 
         Column name → declared type (``int``, ``float``, ``bool``, ``str``), in order
-        (:func:`genimg.index.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`).
+        (:func:`genimg.index.index_schema`; :data:`genimg.expand.EXPANSION_COLUMNS`;
+        :data:`genimg.keepif.KEEP_IF_COLUMNS` with ``keep_if``).
         """
         from genimg.expand import EXPANSION_COLUMNS
 
         columns: dict[str, str] = {c: m.type for c, m in self.profile.metadata.items()}
-        return {**columns, **EXPANSION_COLUMNS} if self.expand is not None else columns
+        if self.expand is not None:
+            columns.update(EXPANSION_COLUMNS)
+        if self.keep_if is not None:
+            columns.update(KEEP_IF_COLUMNS)
+        return columns
 
     def shard_plan(self) -> ShardPlan:
         """The job's shards (see :func:`genimg.shardplan.plan_shards`)."""

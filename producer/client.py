@@ -219,7 +219,8 @@ class Client:
                priority: int | str | None = None, name: str | None = None, idempotency_key: str | None = None,
                prompt_column: str | None = None, prompt_format: str | None = None,
                prompt_chunk_size: int | None = None, manifest_part_shards: int | None = None,
-               expand: Mapping[str, Any] | None = None) -> Job:
+               expand: Mapping[str, Any] | None = None, keep_if: str | None = None,
+               regenerate: int | None = None, dedup: str | None = None) -> Job:
         """Validate, store and enqueue a job (see the module docstring for the order).
 
         Give ``prompts`` (a text profile: a list or iterable of str, or a path to a
@@ -257,6 +258,13 @@ class Client:
                 "max_new_tokens": 48, "temperature": 0.7, "per": "prompt", "wildcards_dir": "dir"}``;
                 every key is optional. The wildcard files the template names are read from
                 ``wildcards_dir`` now and stored with the job (``inputs/wildcards.json``).
+            keep_if: keep only images whose metadata passes ``"<column> <op> <number>"`` on one of the
+                profile's int or float metadata columns (``"score >= 0.9"``; op: ``>= > <= < == !=``).
+            regenerate: with ``keep_if``, extra seeds each item may try, 0..64 (default 0); an item that
+                never passes is recorded failed with reason ``keep_if_unmet`` (:mod:`genimg.keepif`).
+            dedup: ``"exact"`` or ``"near"``: mark duplicates in the manifest's ``duplicate_of`` column
+                when the job finishes (:mod:`genimg.dedup`); by default they are only reported
+                (``dedup.json``, the dataset card). Nothing is deleted.
 
         Returns:
             The job's handle. With an idempotency key already claimed, the
@@ -299,7 +307,8 @@ class Client:
             "seed": seed, "image_format": image_format, "quality": quality, "shard_size": shard_size,
             "sub_batch_size": sub_batch_size, "upscale": upscale, "priority": priority, "name": name,
             "idempotency_key": idempotency_key, "prompt_chunk_size": prompt_chunk_size,
-            "manifest_part_shards": manifest_part_shards,
+            "manifest_part_shards": manifest_part_shards, "keep_if": keep_if, "regenerate": regenerate,
+            "dedup": dedup,
         }
         fields = {k: v for k, v in fields.items() if v is not None}
         txt = task == "text" and prompts is not None

@@ -59,6 +59,12 @@ OutputHint = Annotated[str | None, typer.Option(
     help="The job's output URL: finds job.json in storage when Redis no longer knows the job.")]
 TimeoutS = Annotated[float | None, typer.Option("--timeout-s", help="Stop waiting after this many seconds (exit 124).")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="No progress bar.")]
+KEEP_IF_HELP = ("Keep only images whose metadata passes COLUMN OP NUMBER, e.g. 'score >= 0.9' (an int or float "
+                "column of the profile; op: >= > <= < == !=).")
+REGENERATE_HELP = ("With --keep-if: extra seeds an item may try until it passes, 0-64 (default: 0); an item that "
+                   "never passes is failed keep_if_unmet.")
+DEDUP_HELP = ("Mark duplicates in the manifest's duplicate_of column: exact (same sha256) or near (pHash within 4 "
+              "of 64 bits). Default: only reported in dedup.json and the card.")
 
 
 def _err(message: str) -> None:
@@ -210,6 +216,9 @@ def submit(
     wildcards_dir: Annotated[Path | None, typer.Option(
         "--wildcards-dir", help="Directory of NAME.txt wildcard files (one option a line) the template uses.",
         show_default=False)] = None,
+    keep_if: Annotated[str | None, typer.Option("--keep-if", help=KEEP_IF_HELP, show_default=False)] = None,
+    regenerate: Annotated[int | None, typer.Option("--regenerate", help=REGENERATE_HELP, show_default=False)] = None,
+    dedup: Annotated[str | None, typer.Option("--dedup", help=DEDUP_HELP, show_default=False)] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish (exit 1 if it fails).")] = False,
     timeout_s: TimeoutS = None,
     no_progress: NoProgress = False,
@@ -225,6 +234,8 @@ def submit(
     Example: genimg submit --prompts prompts.txt --images-per-prompt 4 --output s3://bucket/run-7 --seed 1234 --wait
 
     Example: genimg submit --model terrain --count 300 --param difficulty=1,50,100 --output s3://bucket/terrain
+
+    Example: genimg submit --count 10000 --keep-if 'score >= 0.9' --regenerate 8 --output s3://bucket/digits
     """
     with _exit_codes():
         if prompts_file is not None and prompt:
@@ -248,7 +259,8 @@ def submit(
                 seed=seed, image_format=image_format, quality=quality, shard_size=shard_size,
                 sub_batch_size=sub_batch_size, upscale=upscale, priority=int_priority, name=name,
                 idempotency_key=idempotency_key, prompt_column=prompt_column, prompt_format=prompt_format,
-                prompt_chunk_size=prompt_chunk_size, expand=expand_opts,
+                prompt_chunk_size=prompt_chunk_size, expand=expand_opts, keep_if=keep_if, regenerate=regenerate,
+                dedup=dedup,
             )
             spec = job.spec
             doc: dict[str, Any] = {"job_id": job.job_id, "model": spec.model, "total_items": spec.total_items,
@@ -347,10 +359,15 @@ def manifest(job_id: JobId, out: Annotated[Path, typer.Option("--out", show_defa
 def _write_batches(batches: Any, out: Path) -> int:
     """Write record batches to ``out`` (.parquet, .csv or .jsonl) through a temporary file; returns the rows.
 
+    JSON Lines hold what every JSON reader keeps exactly (:func:`genimg.shards.json_safe`: ``seed`` as a
+    decimal string, no nulls).
+
     Memory holds one batch at a time.
     """
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
+
+    from genimg.shards import json_safe
 
     tmp = out.with_name(f".{out.name}.tmp")
     rows, writer, suffix = 0, None, out.suffix.lower()
@@ -359,7 +376,7 @@ def _write_batches(batches: Any, out: Path) -> int:
             try:
                 for batch in batches:
                     if suffix == ".jsonl":
-                        f.write("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n"
+                        f.write("".join(json.dumps(json_safe(row), ensure_ascii=False, default=str) + "\n"
                                         for row in batch.to_pylist()).encode("utf-8"))
                     else:
                         if writer is None:

@@ -37,6 +37,7 @@ BAD_INPUTS: list[BadInput] = [
     BadInput("count_huge", lambda t, o: {"count": 10**12, "output": o}, "count"),
     BadInput("seed_negative", lambda t, o: {"count": 5, "seed": -1, "output": o}, "seed"),
     BadInput("seed_above_2_63", lambda t, o: {"count": 5, "seed": 2**63, "output": o}, "seed"),
+    BadInput("dedup_unknown", lambda t, o: {"count": 5, "dedup": "fuzzy", "output": o}, "dedup"),
     BadInput("prompt_file_empty", lambda t, o: {"prompts": _file(t, "empty.txt", b""), "output": o}, "prompts"),
     BadInput("prompt_file_whitespace_only",
              lambda t, o: {"prompts": _file(t, "blank.txt", b"  \n\t\n \r\n\n"), "output": o}, "prompts"),

@@ -36,12 +36,12 @@ def run(env: ProducerEnv, *args: str, extra_env: dict[str, str] | None = None):
 def test_submit_json_prints_the_job_and_enqueues_one_message_per_shard(producer_env: ProducerEnv):
     env = producer_env
     res = run(env, "submit", "--count", "2500", "--shard-size", "1000", "--output", env.output, "--seed", "9",
-              "--name", "cli-1", "--json")
+              "--name", "cli-1", "--dedup", "near", "--json")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert (doc["model"], doc["total_items"], doc["num_shards"]) == ("noise2img", 2500, 3)
     spec = JobSpec.from_json(env.store.get_bytes(f"runs/{doc['job_id']}/job.json"))
-    assert (spec.seed, spec.name, spec.count) == (9, "cli-1", 2500)
+    assert (spec.seed, spec.name, spec.count, spec.dedup) == (9, "cli-1", 2500, "near")
     assert env.shard_args() == [(doc["job_id"], s) for s in range(3)]
 
 

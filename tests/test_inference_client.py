@@ -230,6 +230,14 @@ def test_an_unreachable_server_raises_unavailable(protocol):
             c.wait_ready(["txt2img"], timeout_s=0.5)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_not_ready_names_exactly_the_models_the_server_does_not_serve(triton_server, protocol):
+    with InferenceClient(triton_server.urls[protocol], protocol, timeout_s=5) as c:
+        assert c.not_ready(["txt2img", "noise2img", "verifier"]) == []
+        assert c.not_ready(["no_such_model", "txt2img", "other_missing"]) == ["no_such_model", "other_missing"]
+        c.wait_ready(["txt2img", "upscaler"], timeout_s=0)  # one pass, all ready: returns
+
+
 def test_an_unknown_model_raises_unavailable(triton_client):
     with pytest.raises(InferenceUnavailableError, match="no_such_model"):
         triton_client.infer("no_such_model", {"Z": _noise(1)})

@@ -119,6 +119,7 @@ def test_workers_compact_complete_ranges_and_the_finaliser_writes_only_the_rest(
     assert _write_batches(job.iter_manifest(batch_rows=4), out) == 25
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["item_index"] for r in rows] == list(range(25))
+    assert all(isinstance(r["seed"], str) and "reason" not in r for r in rows)  # exact in any JSON reader, no nulls
 
 
 def test_job_counts_come_from_totals_kept_once_per_shard_and_are_rebuilt_when_missing(producer_env: ProducerEnv):

@@ -16,7 +16,8 @@ from genimg.errors import StorageUnavailableError, ValidationError
 from genimg.imaging import decode, encode
 from genimg.shards import ShardItem, build_shard, commit_shard, committed_shards, is_committed, read_shard_index, write_tar
 from genimg.index import INDEX_SCHEMA, index_schema, index_from_parquet
-from genimg.manifest import build_manifest, verify_manifest
+from genimg.manifest import build_manifest
+from genimg.verify import verify_manifest
 from genimg.layout import Layout
 
 pytestmark = pytest.mark.timeout(60)
@@ -115,7 +116,7 @@ def test_webdataset_reads_one_sample_per_item_keyed_by_nine_digit_item_index():
         assert sample["webp"] == item.image
         meta = json.loads(sample["json"])
         assert meta["item_index"] == item.item_index
-        assert meta["seed"] == item.seed, "uint64 seeds survive JSON"
+        assert meta["seed"] == str(item.seed), "a uint64 seed is a decimal string: exact in every JSON reader"
         assert meta["prompt"] == item.prompt
         assert "infer_s" not in meta, "timings would break byte-identical retries"
         assert np.array_equal(decode(sample["webp"]), _image(item.item_index))

@@ -80,6 +80,19 @@ def test_spec_round_trips_through_json_with_schema_version() -> None:
     assert JobSpec.from_json(text.encode("utf-8"), settings=SpecSettings()) == spec
 
 
+def test_dedup_is_stored_only_when_set_so_older_specs_keep_their_bytes() -> None:
+    spec = make(model="noise2img", num_prompts=None, count=10)
+    text = spec.to_json()
+    assert spec.dedup is None and "dedup" not in json.loads(text)
+    assert JobSpec.from_json(text, settings=SpecSettings()).to_json() == text
+    near = make(model="noise2img", num_prompts=None, count=10, dedup="near")
+    assert json.loads(near.to_json())["dedup"] == "near"
+    assert JobSpec.from_json(near.to_json(), settings=SpecSettings()).dedup == "near"
+    with pytest.raises(ValidationError) as e:
+        make(model="noise2img", num_prompts=None, count=10, dedup="fuzzy")
+    assert e.value.field == "dedup" and "'exact' or 'near'" in str(e.value)
+
+
 @pytest.mark.parametrize(("given", "stored"), [("low", 0), ("normal", 5), ("HIGH", 9), (3, 3),
                                                (np.int64(7), 7)])
 def test_priority_accepts_names_and_integers_and_stores_the_integer(given: Any, stored: int) -> None:

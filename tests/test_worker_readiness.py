@@ -94,7 +94,10 @@ def test_triton_down_longer_than_the_old_retry_slack_mid_job_pauses_consumption_
             assert during.shards_failed == 0 and during.state == "running", during
             assert backlog(stack.redis, queue).total >= 1  # retries wait in the queue or held, unacknowledged
             forwarder.start()  # Triton is back on the same address
-            status = job.wait(progress=False, timeout_s=180)
+            try:
+                status = job.wait(progress=False, timeout_s=180)
+            except TimeoutError as e:  # say what the worker saw: the gate's checks, the retries
+                raise AssertionError(f"{e}; {job.status()}\nworker log:\n{worker.log()[-6000:]}") from e
         assert status.state == "succeeded" and status.shards_failed == 0 and status.items_done == 48, status
         manifest = job.manifest()
         assert sorted(manifest.column("item_index").to_pylist()) == list(range(48))

@@ -5,6 +5,7 @@ Two parts:
 * :class:`TritonWatch` (worker main process) runs ``python -m workers.gate``
   as a subprocess that asks Triton every ``GENIMG_TRITON_CHECK_INTERVAL_S``
   seconds whether each model of :func:`workers.app.required_models` is ready
+  (one repository-index request per check, whatever the number of models)
   and prints one JSON line per check. The check runs in its own process
   because a gRPC channel in the Celery main process would be inherited by
   every pool child forked later (gRPC is not fork-safe); the subprocess is
@@ -192,8 +193,9 @@ def _check_loop(url: str, protocol: str, interval_s: float, timeout_s: float, pa
         try:
             if client is None:  # a fresh channel after a failure: no inherited reconnect backoff
                 client = InferenceClient(url, protocol, timeout_s=timeout_s)
-            client.wait_ready(models, timeout_s=0)  # one pass over the models; raises naming those not ready
-            ready, detail = True, f"models {models} ready"
+            pending = client.not_ready(models)  # one request, whatever the number of models
+            ready = not pending
+            detail = f"models {models} ready" if ready else f"not ready: {pending}"
         except GenImgError as e:
             ready, detail = False, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if not ready and client is not None:

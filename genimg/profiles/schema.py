@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, model_validator
 
-from genimg.limits import short
+from genimg.limits import MAX_SAFE_INTEGER, short
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 """Profile names: 1-64 of ``a-z 0-9 _ . -``, starting with a letter or digit."""
@@ -39,8 +39,9 @@ MAX_TENSOR_ELEMENTS = 1 << 24
 RESERVED_COLUMNS = frozenset({
     "job_id", "item_index", "key", "shard_index", "tar_key", "tar_offset", "tar_size", "prompt",
     "negative_prompt", "seed", "model", "model_version", "profile", "params", "width", "height", "format",
-    "sha256", "status", "reason", "infer_s", "encode_s",
+    "sha256", "phash", "status", "reason", "infer_s", "encode_s", "duplicate_of",
     "source_prompt", "revised_prompt", "expander", "expander_version", "expand_tokens",  # genimg.expand
+    "tries",  # genimg.keepif
 })
 """Columns every shard index has; a profile's metadata columns take other names."""
 
@@ -380,8 +381,8 @@ def check_value(spec: ParamSpec, value: object, what: str) -> Any:
         raise ValueError(f"{what} must be an int, got {short(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{what} must be finite, got {value}")
-    if kind == "int" and abs(value) > 2**53:
-        raise ValueError(f"{what} must be within ±2**53 (exact in every JSON reader), got {value}")
+    if kind == "int" and abs(value) > MAX_SAFE_INTEGER:
+        raise ValueError(f"{what} must be within ±(2**53 - 1) (exact in every JSON reader), got {value}")
     if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
         raise ValueError(f"{what} must be in [{spec.min}, {spec.max}], got {value}")
     return float(value) if kind == "float" else value

@@ -256,7 +256,7 @@ class InferenceClient(Closing):
         last: Exception | None = None
         while True:
             try:
-                pending = [m for m in pending if not self._call(f"ready {m}", self._client.is_model_ready, m)]
+                pending = self.not_ready(pending)
                 if not pending:
                     return
             except InferenceUnavailableError as e:
@@ -265,6 +265,22 @@ class InferenceClient(Closing):
                 raise InferenceUnavailableError(f"not ready within {timeout_s:g} s: {pending}"
                                                 + (f" ({last})" if last else ""))
             time.sleep(_POLL_S)
+
+    def not_ready(self, models: Iterable[str]) -> list[str]:
+        """The models of ``models`` that are not ready, in order, from one repository-index request.
+
+        One call whatever the number of models (a readiness check per model costs one round trip each,
+        which on a loaded machine can outlast a short timeout). A model counts as ready when one of its
+        versions is in state ``READY``.
+
+        Raises:
+            InferenceUnavailableError: the server is unreachable or not ready.
+        """
+        kw = {"as_json": True} if self.protocol == "grpc" else {}
+        index = self._call("repository index", self._client.get_model_repository_index, **kw)
+        entries = index.get("models", []) if isinstance(index, Mapping) else index
+        ready = {e.get("name") for e in entries or [] if e.get("state") == "READY"}
+        return [m for m in models if m not in ready]
 
     def model_metadata(self, model: str) -> ModelMeta:
         """The model's declared tensors and ``max_batch_size`` (fetched once, then cached).

@@ -66,7 +66,7 @@ from genimg.queue import backlog
 from genimg.jobs import Keys
 from genimg.shards import committed_shards, read_shard_index
 from genimg.index import STATUS_OK
-from genimg.manifest import verify_manifest
+from genimg.verify import verify_manifest
 from genimg.layout import Layout
 from genimg.spec import JobSpec
 from genimg.stores.s3 import S3Store
@@ -577,7 +577,7 @@ def check_output(store: S3Store, reference: JobSpec, result: JobSpec) -> dict[st
     indexes hold each item once (no item in two shards, no duplicate key);
     every committed tar is byte-identical to the undisturbed run's; every image
     decodes and its sha256 equals the manifest's and the undisturbed run's;
-    :func:`genimg.shards.verify_manifest` finds nothing; no multipart upload is
+    :func:`genimg.verify.verify_manifest` finds nothing; no multipart upload is
     left unfinished in the bucket.
     """
     ref = Layout.from_url(reference.output, reference.job_id)

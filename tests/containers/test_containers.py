@@ -19,7 +19,7 @@ import pytest
 
 from genimg.imaging import decode
 from genimg.shards import committed_shards, read_shard_index
-from genimg.manifest import verify_manifest
+from genimg.verify import verify_manifest
 from genimg.stores.base import sha256_hex
 from producer import Client
 from tests.containers import kube

@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from genimg.manifest import verify_manifest
+from genimg.verify import verify_manifest
 from producer import Client
 from tests.containers import kube
 from tests.containers.conftest import BUCKET, ENABLED, IMAGES, REPORT, SKIP_REASON, podman, save_logs
