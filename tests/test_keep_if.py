@@ -208,7 +208,7 @@ def test_cli_bad_filter_exits_2_naming_the_field_and_a_good_one_is_stored(shared
 def test_an_idempotency_key_reused_with_another_filter_is_a_conflict_and_without_one_the_same_job(
         shared_producer_env: ProducerEnv):
     from genimg.errors import ConflictError
-    from genimg.jobs import SPEC_OBJECT
+    from genimg.layout import SPEC_OBJECT
 
     env = shared_producer_env
     first = env.client.submit(count=20, output=env.output, idempotency_key="plain-20")

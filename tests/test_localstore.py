@@ -12,7 +12,8 @@ from genimg.imaging import encode
 from genimg.stores.files import LOCAL_BUCKET, FileStore
 from genimg.settings import StorageSettings
 from genimg.shards import ShardItem, commit_shard, committed_shards
-from genimg.manifest import build_manifest, verify_manifest
+from genimg.manifest import build_manifest
+from genimg.verify import verify_manifest
 from genimg.stores.s3 import S3Store
 from genimg.stores.base import sha256_hex
 from genimg.stores import open_job_store, open_store
