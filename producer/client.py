@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -78,6 +79,10 @@ MAX_UPLOADS_IN_FLIGHT = 16
 """Prompt chunks encoded but not yet stored (bounds the producer's memory)."""
 IDEMPOTENCY_CLAIM_TTL_S = 3_600
 """Seconds an idempotency key stays claimed by a submit that has not finished (a crashed one)."""
+CONCURRENT_SUBMIT_WAIT_S = 120.0
+"""How long a submit waits for a concurrent submit with the same idempotency key to store its spec."""
+CONCURRENT_SUBMIT_POLL_S = 0.1
+"""Seconds between two looks at that concurrent submit."""
 DEFAULT_TEXT_MODEL = "txt2img"
 """The profile a job with prompts and no ``model`` runs."""
 DEFAULT_NOISE_MODEL = "noise2img"
@@ -326,15 +331,7 @@ class Client:
 
         idem = idempotency_key
         if idem is not None:
-            claimed = jobs.claim_idempotency_key(self.redis, self.keys, idem, spec.job_id, IDEMPOTENCY_CLAIM_TTL_S)
-            if not claimed:
-                raw = jobs.read_spec_json(self.redis, self.keys, spec.job_id)
-                if raw is None and f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
-                    raw = store.get_bytes(f"{layout.job_prefix}/{SPEC_OBJECT}", max_bytes=1 << 20)
-                if raw is not None:  # else the first submit is still storing prompts: nothing to compare yet
-                    stored = JobSpec.from_json(raw, settings=self.spec_settings)
-                    _check_same_request(stored, spec)
-                    _check_same_prompts(stored, stream)
+            if not self._claim_or_match(idem, spec, store, layout, stream):
                 log.info("idempotency key already used by job %s; nothing enqueued", spec.job_id)
                 return Job(self, spec.job_id, output=spec.output)
             if f"{layout.job_prefix}/{SPEC_OBJECT}" in existing:
@@ -359,6 +356,40 @@ class Client:
                  spec.total_items, spec.shard_plan().num_shards, spec.job_prefix)
         self.enqueue_shards(spec, range(spec.shard_plan().num_shards))
         return Job(self, spec.job_id, spec=spec)
+
+    def _claim_or_match(self, idem: str, spec: JobSpec, store: ManagedStore, layout: Layout,
+                        stream: Iterable[str] | None) -> bool:
+        """Claim the idempotency key (True), or find the job it names asking for the same spec (False).
+
+        A submit that holds the claim but has not stored its spec yet (still storing prompts) is waited
+        for, polling, for at most :data:`CONCURRENT_SUBMIT_WAIT_S`, so that two concurrent submits with one
+        key and different specs never both succeed; if that submit gives up (its claim is released), this
+        one claims the key.
+
+        Raises:
+            ConflictError: the key's job asks for another spec or other prompts, or its submit is still
+                storing after the wait.
+        """
+        deadline = time.monotonic() + CONCURRENT_SUBMIT_WAIT_S
+        spec_key = f"{layout.job_prefix}/{SPEC_OBJECT}"
+        while not jobs.claim_idempotency_key(self.redis, self.keys, idem, spec.job_id, IDEMPOTENCY_CLAIM_TTL_S):
+            raw = jobs.read_spec_json(self.redis, self.keys, spec.job_id)
+            if raw is None:
+                try:
+                    raw = store.get_bytes(spec_key, max_bytes=1 << 20)
+                except StorageNotFoundError:
+                    raw = None
+            if raw is not None:
+                stored = JobSpec.from_json(raw, settings=self.spec_settings)
+                _check_same_request(stored, spec)
+                _check_same_prompts(stored, stream)
+                return False
+            if time.monotonic() > deadline:
+                raise ConflictError(f"idempotency key {idem!r} is held by a submit of job {spec.job_id} that is "
+                                    f"still storing its inputs after {CONCURRENT_SUBMIT_WAIT_S:g} s; submit "
+                                    "again once it has finished", key=idem)
+            time.sleep(CONCURRENT_SUBMIT_POLL_S)  # the poll period of the wait above
+        return True
 
     def _adopt_stored_job(self, spec: JobSpec, store: ManagedStore, layout: Layout, idem: str,
                           stream: Iterable[str] | None) -> Job:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -240,6 +241,49 @@ def test_an_idempotency_key_reused_with_a_different_spec_is_a_conflict_naming_th
         env.client.submit(count=40, shard_size=10, output=env.output, seed=1, idempotency_key="nightly-3")
     again = env.client.submit(count=30, shard_size=10, output=env.output, seed=1, idempotency_key="nightly-3")
     assert again.job_id == first.job_id
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_concurrent_submit_with_the_same_key_waits_for_the_first_to_store_its_spec_then_compares(
+        producer_env: ProducerEnv, monkeypatch, seed: int):
+    """The first submit holds the key while it still stores prompts; a second one with the same key must not
+    return that job unchecked: it waits, then gets the job (same spec) or a conflict (another seed)."""
+    env = producer_env
+    storing, reading, gate = threading.Event(), threading.Event(), threading.Event()
+    read_spec_json = jobs.read_spec_json
+
+    def spying(*args, **kwargs):  # the second submit found the key claimed and looks for its spec
+        reading.set()
+        gate.set()  # only now may the first submit go on storing
+        return read_spec_json(*args, **kwargs)
+
+    monkeypatch.setattr(jobs, "read_spec_json", spying)
+
+    def prompts():
+        yield "a red circle"
+        storing.set()  # the key is claimed (prompts are read while stored, after the claim)
+        assert gate.wait(30)
+        yield "a blue square"
+
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(job=env.client.submit(
+        prompts(), output=env.output, seed=1, shard_size=1, idempotency_key="race-1")))
+    t.start()
+    try:
+        assert storing.wait(30)
+        again = ["a red circle", "a blue square"]
+        if seed == 1:
+            job = env.client.submit(again, output=env.output, seed=1, shard_size=1, idempotency_key="race-1")
+        else:
+            with pytest.raises(ConflictError, match="seed 1 != 2"):
+                env.client.submit(again, output=env.output, seed=2, shard_size=1, idempotency_key="race-1")
+    finally:
+        gate.set()
+        t.join(60)
+    assert reading.is_set() and "job" in first and first["job"].spec.num_prompts == 2
+    if seed == 1:
+        assert job.job_id == first["job"].job_id
+    assert len(env.messages()) == 2  # the first submit's two shards, once
 
 
 def test_an_idempotency_key_reused_with_other_prompts_is_a_conflict_and_stores_nothing(producer_env: ProducerEnv):
