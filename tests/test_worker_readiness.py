@@ -72,12 +72,8 @@ def test_triton_down_longer_than_the_old_retry_slack_mid_job_pauses_consumption_
     failing until Triton is back, within its time budget; the job completes with every item once and no shard
     failed."""
     port = free_port()
-    # Over HTTP: cutting gRPC streams mid-request cancels them in the server, and Triton 2.51 can crash or hang
-    # on a cancelled gRPC request (triton-inference-server/server#7368, fixed in 24.12); this session's Triton
-    # serves every later test. The worker's gate and retries are the same for either protocol.
-    forwarder = TcpForwarder(port, triton_server.urls["http"]).start()
-    worker = stack.start_worker(GENIMG_TRITON_URL=f"127.0.0.1:{port}", GENIMG_TRITON_PROTOCOL="http",
-                                GENIMG_RETRY_BACKOFF_BASE_S=0.5,
+    forwarder = TcpForwarder(port, triton_server.urls["grpc"]).start()
+    worker = stack.start_worker(GENIMG_TRITON_URL=f"127.0.0.1:{port}", GENIMG_RETRY_BACKOFF_BASE_S=0.5,
                                 GENIMG_RETRY_BACKOFF_MAX_S=2, GENIMG_RETRY_BUDGET_S=120,
                                 GENIMG_TRITON_CHECK_INTERVAL_S=0.5, GENIMG_TRITON_READY_TIMEOUT_S=2,
                                 GENIMG_TRITON_TIMEOUT_S=5)
