@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import platform
 import shutil
@@ -29,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from genimg.local_procs import http_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
@@ -118,15 +119,7 @@ def start_moto(log_dir: Path) -> Server:
     proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log, env=env)
 
     def ok() -> bool:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        try:
-            conn.request("GET", "/moto-api/data.json")
-            conn.getresponse().read()
-            return True
-        except OSError:
-            return False
-        finally:
-            conn.close()
+        return http_answers(f"http://127.0.0.1:{port}", "/moto-api/data.json")
 
     _wait("moto server", ok, proc, log, 60)
     return Server("s3", proc, f"http://127.0.0.1:{port}", log)
