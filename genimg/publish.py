@@ -56,32 +56,26 @@ def publish(store: ObjectStore, layout: Layout, spec: JobSpec, summary: Mapping[
             scan.add(table)
         elif facts.sheet_full:  # a bulk job that did not ask: its finalisation stays O(parts' summaries)
             break
-    if not scan_all:
-        report = dedup.DedupReport.not_scanned_because(f"{items:,} items > {dedup.REPORT_MAX_ITEMS:,}: submit the job "
-                                               "with dedup='exact' or 'near' to scan it")
-        store.put_bytes(f"{layout.job_prefix}/{dedup.DEDUP_OBJECT}",
-                        json.dumps(report.to_dict(), sort_keys=True, indent=1).encode(), "application/json")
-        card.write_card(store, layout, spec, summary, facts, report)
-        log.info("published job=%s (duplicates not scanned) publish_s=%.3f", spec.job_id,
-                 time.perf_counter() - started)
-        return report, None
-    found = scan.find(dedup.NEAR_DISTANCE)
     manifest_bytes = None
-    if spec.dedup is not None:
-        def rewrite(part: int, table: pa.Table) -> None:
-            old = read_summary(store, layout, part)
-            write_part(store, layout, plan, part, table, old.shards_missing if old else ())
+    if scan_all:
+        found = scan.find(dedup.NEAR_DISTANCE)
+        if spec.dedup is not None:
+            def rewrite(part: int, table: pa.Table) -> None:
+                old = read_summary(store, layout, part)
+                write_part(store, layout, plan, part, table, old.shards_missing if old else ())
 
-        rewritten = dedup.mark_parts(range(plan.num_parts), found, spec.dedup,
-                                     read=lambda p: read_part(store, layout, p, schema), write=rewrite,
-                                     lock=lock)
-        if rewritten:
-            parts = [read_summary(store, layout, p) for p in range(plan.num_parts)]
-            manifest_bytes = sum(s.bytes for s in parts if s is not None)
-    report = found.report(spec.dedup)
+            if dedup.mark_parts(range(plan.num_parts), found, spec.dedup,
+                                read=lambda p: read_part(store, layout, p, schema), write=rewrite, lock=lock):
+                parts = [read_summary(store, layout, p) for p in range(plan.num_parts)]
+                manifest_bytes = sum(s.bytes for s in parts if s is not None)
+        report = found.report(spec.dedup)
+    else:
+        report = dedup.DedupReport.not_scanned_because(
+            f"{items:,} items > {dedup.REPORT_MAX_ITEMS:,}: submit the job with dedup='exact' or 'near' to scan it")
     store.put_bytes(f"{layout.job_prefix}/{dedup.DEDUP_OBJECT}",
                     json.dumps(report.to_dict(), sort_keys=True, indent=1).encode(), "application/json")
     card.write_card(store, layout, spec, summary, facts, report)
-    log.info("published job=%s exact_duplicates=%d near_duplicates=%d dedup_s=%.3f publish_s=%.3f", spec.job_id,
-             report.exact_duplicates, report.near_duplicates, report.seconds, time.perf_counter() - started)
+    log.info("published job=%s scanned=%s exact_duplicates=%d near_duplicates=%d dedup_s=%.3f publish_s=%.3f",
+             spec.job_id, scan_all, report.exact_duplicates, report.near_duplicates, report.seconds,
+             time.perf_counter() - started)
     return report, manifest_bytes
