@@ -36,7 +36,7 @@ log = logging.getLogger("bench")
 BUCKET = "genimg-bench"
 SEED = 1234
 RAY_VENV = ROOT / ".cache" / "bench" / "ray-venv"
-RAY_PACKAGES = ("ray[data]", "onnxruntime", "tokenizers", "pillow", "boto3", "psutil")
+RAY_PACKAGES = ("ray[data]", "onnxruntime", "tokenizers", "pillow", "boto3", "psutil", "imagehash")
 BUNDLED = ("txt2img", "txt2img_base", "noise2img", "noise2img_base", "faces", "faces_x4")
 """Bundled profiles copied into the bench's profiles directory."""
 PER_IMAGE_PROFILE = '''# txt2img as it was before issue 20 (written by benchmarks/_systems.py for the same-run comparison):
@@ -430,7 +430,7 @@ class Bench:
     def ray_python(self) -> Path:
         py = RAY_VENV / "bin" / "python"
         if not py.is_file() or subprocess.run([str(py), "-c", "import ray.data, onnxruntime, tokenizers, PIL, boto3, "
-                                               "psutil"], capture_output=True).returncode:
+                                               "psutil, imagehash"], capture_output=True).returncode:
             log.info("installing Ray into %s (first use)", RAY_VENV)
             subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
             subprocess.run([str(py), "-m", "pip", "install", "-q", *RAY_PACKAGES], check=True)

@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--wait-load-max-s", type=float, default=300,
                     help="longest wait for --wait-load (then it runs anyway; the JSON records the load)")
     ap.add_argument("--keep", action="store_true", help="keep the run's temp directory (logs)")
+    ap.add_argument("--only", default="", help="comma-separated systems to run (an experiment: no noise2img "
+                    "breakdown runs, no triton_view), e.g. upper_bound,genimg_best")
     ap.add_argument("--refresh", action="store_true",
                     help="measure nothing: recompute medians of the runs in --out, ratios, chart and table")
     args = ap.parse_args(argv)
@@ -313,22 +315,27 @@ def main(argv: list[str] | None = None) -> dict:
         if args.no_ray:
             plan.pop("ray_data")
             plan.pop("faces_ray_data")
+        only = [x for x in args.only.split(",") if x]
+        if unknown := sorted(set(only) - set(plan)):
+            raise SystemExit(f"--only: unknown systems {unknown}; known: {sorted(plan)}")
+        if only:
+            plan = {k: v for k, v in plan.items() if k in only}
         runs: dict[str, list[dict]] = {k: [] for k in plan}
         order = list(plan)
         for rnd in range(args.rounds):
             log.info("round %d of %d (load %.2f)", rnd + 1, args.rounds, os.getloadavg()[0])
             for name in order[rnd % len(order):] + order[:rnd % len(order)]:
                 runs[name].append(plan[name]())
-        noise = {"noise2img_genimg": [bench.run_genimg(best, "noise2img_genimg", count=bench.count,
+        noise = {} if only else {"noise2img_genimg": [bench.run_genimg(best, "noise2img_genimg", count=bench.count,
                                                        model="noise2img")],
                  "noise2img_upper_bound": [bench.run_upper(*best_upper, bench.count, profile="noise2img",
                                                            name="noise2img_upper_bound")]}
         result["breakdown_runs"] = {k: {**summarize(v), "runs": [_strip(r) for r in v]} for k, v in noise.items()}
-        result["triton_view"] = bench.run_triton_view(DEFAULTS)
+        result["triton_view"] = None if only else bench.run_triton_view(DEFAULTS)
         systems = {k: summarize(v) for k, v in runs.items()}
         for k, v in runs.items():
             systems[k]["runs"] = [_strip(r) for r in v]
-        if args.no_ray:
+        if args.no_ray and not only:
             for k in ("ray_data", "faces_ray_data"):
                 systems[k] = {"skipped": "--quick or --no-ray", "images_per_s": None}
         result["systems"] = systems

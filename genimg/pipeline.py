@@ -399,6 +399,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
                 out[k][bad] = retry.out[k]
         items: list[ShardItem] = []
         again: list[int] = []
+        kept: list[tuple[int, dict[str, Any], dict[str, Any]]] = []  # to encode: (row, common fields, extra)
         per_item_infer = b.infer_s / max(len(b.indices), 1)
         tries = {"tries": b.attempt + 1} if rule is not None else {}
         for j, idx in enumerate(b.indices):
@@ -426,11 +427,14 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
                 else:  # the last seed tried, and its image's metadata
                     items.append(ShardItem(reason=KEEP_IF_UNMET, extra={**meta, **columns}, **common))
                 continue
+            kept.append((j, common, {**meta, **columns}))
+        hashes = imaging.phashes(images[[j for j, _, _ in kept]]) if kept else []
+        for (j, common, extra), phash in zip(kept, hashes, strict=True):
             te = time.perf_counter()
             data = imaging.encode(images[j], spec.image_format, spec.quality)
             items.append(ShardItem(image=data, format=spec.image_format, width=int(images.shape[2]),
-                                   height=int(images.shape[1]), extra={**meta, **columns},
-                                   phash=imaging.phash(images[j]), encode_s=time.perf_counter() - te, **common))
+                                   height=int(images.shape[1]), extra=extra, phash=phash,
+                                   encode_s=time.perf_counter() - te, **common))
         metrics.STAGE_SECONDS.labels("encode").observe(time.perf_counter() - t)
         return items, again
 

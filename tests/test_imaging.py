@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from genimg.errors import NonFiniteOutputError, ValidationError
-from genimg.imaging import check_finite, contact_sheet, decode, encode, to_uint8
+from genimg.imaging import check_finite, contact_sheet, decode, encode, phash, phashes, to_uint8
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +214,26 @@ def test_contact_sheet_without_captions_and_with_non_ascii_prompts():
 def test_contact_sheet_rejects_caption_count_mismatch():
     with pytest.raises(ValidationError):
         contact_sheet([_red()], ["a", "b"])
+
+
+def _smooth(n: int, side: int, channels: int) -> np.ndarray:
+    x = np.linspace(0.0, 1.0, side)
+    ramps = np.outer(x, x)[None, :, :, None] * np.arange(1, n + 1)[:, None, None, None] * 16
+    return np.repeat(ramps.clip(0, 255).astype(np.uint8), channels, axis=3)
+
+
+@pytest.mark.parametrize("images", [
+    np.random.default_rng(0).integers(0, 256, (48, 112, 112, 1), dtype=np.uint8),
+    np.random.default_rng(1).integers(0, 256, (12, 256, 256, 3), dtype=np.uint8),
+    np.random.default_rng(2).integers(0, 256, (6, 64, 80, 4), dtype=np.uint8),
+    _smooth(16, 112, 1), _smooth(8, 64, 3),
+    np.zeros((3, 112, 112, 1), dtype=np.uint8), np.full((2, 64, 64, 3), 255, dtype=np.uint8),
+], ids=["noise-grey", "noise-rgb", "noise-rgba", "ramps-grey", "ramps-rgb", "black", "white"])
+def test_batch_phashes_are_the_imagehash_library_phash_of_each_image(images):
+    import imagehash
+
+    expected = [str(imagehash.phash(Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im), hash_size=8))
+                for im in images]
+    assert phashes(images) == expected
+    assert [phash(im) for im in images] == expected
+    assert all(len(h) == 16 for h in expected)

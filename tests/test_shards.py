@@ -332,3 +332,12 @@ def test_profile_metadata_columns_follow_the_index_columns_in_index_tar_json_and
     with pytest.raises(ValidationError, match="no index column"):
         build_shard(layout, 1, [ShardItem(item_index=9, seed=9, model="m", model_version="1",
                                           image=b"x", format="png", width=1, height=1, extra={"other": 1})])
+
+
+@pytest.mark.parametrize("names", [
+    [f"{'k' * n}.png" for n in range(0, 97)],  # every length up to 100 bytes, the header's name field
+    ["a/b/c.json", "ünïcode.png", "dir/" * 24 + "x.png", "p" * 90 + "/" + "n" * 60],  # tarfile's own paths
+])
+def test_write_tar_headers_are_tarfiles_for_names_of_any_length_and_kind(names):
+    members = [(name, name.encode() * 3) for name in names]
+    assert write_tar(members)[0] == _tarfile_reference(members)
