@@ -396,3 +396,22 @@ def test_the_connection_pool_fits_every_caller_and_its_part_uploads(make_s3_stor
         list(pool.map(lambda i: store.put_bytes(f"pool/{i}", b"y" * 1000), range(96)))
     store.close()
     assert "Connection pool is full" not in caplog.text
+
+
+def test_job_stores_of_one_bucket_share_one_client_and_keep_each_url_prefix(s3_settings, s3_bucket):
+    from genimg.stores import open_job_store
+
+    cache: dict = {}
+    job = "0123456789abcdef0123456789abcdef"
+    a, la = open_job_store(f"s3://{s3_bucket}/runs/a", job, s3_settings, cache=cache)
+    b, lb = open_job_store(f"s3://{s3_bucket}/runs/b/", job, s3_settings, cache=cache)
+    c, lc = open_job_store(f"s3://{s3_bucket}", job, s3_settings, cache=cache)
+    other, lo = open_job_store("s3://another-bucket/runs/a", job, s3_settings, cache=cache)
+    try:
+        assert a is b is c and other is not a
+        assert (la.prefix, lb.prefix, lc.prefix, lo.prefix) == ("runs/a", "runs/b", "", "runs/a")
+        assert (la.bucket, lo.bucket) == (s3_bucket, "another-bucket")
+        assert sorted(cache) == sorted([f"s3://{s3_bucket}", "s3://another-bucket"])
+    finally:
+        for store, _ in cache.values():
+            store.close()

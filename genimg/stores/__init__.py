@@ -77,8 +77,10 @@ def open_job_store(output_url: str, job_id: str, settings: StorageSettings | Non
         job_id: the job.
         settings: S3 settings (read from ``GENIMG_*`` when omitted).
         callers: threads that will call the store at once.
-        cache: ``{output_url: (store, prefix)}`` of stores already opened: a store found there is
-            reused, a new one is added (the caller closes them; the producer and each worker
+        cache: ``{root: (store, prefix)}`` of stores already opened, ``root`` being ``s3://bucket``
+            or the ``file://`` URL: a store found there is reused for every output URL in the same
+            bucket (building a boto3 client costs about 0.2 s of CPU, and each job has its own
+            URL), a new one is added (the caller closes them; the producer and each worker
             process keep one such cache).
 
     Raises:
@@ -88,7 +90,11 @@ def open_job_store(output_url: str, job_id: str, settings: StorageSettings | Non
     if cache is None:
         store, prefix = open_store(output_url, settings, callers=callers)
     else:
-        if output_url not in cache:
-            cache[output_url] = open_store(output_url, settings, callers=callers)
-        store, prefix = cache[output_url]
+        root, prefix = output_url, ""
+        if isinstance(output_url, str) and output_url.startswith("s3://"):
+            bucket, prefix = parse_s3_url(output_url)
+            root = f"s3://{bucket}"
+        if root not in cache:
+            cache[root] = open_store(output_url, settings, callers=callers)
+        store = cache[root][0]
     return store, Layout(bucket=store.bucket, prefix=prefix, job_id=job_id)
