@@ -43,12 +43,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--timeout-s", type=float, default=900)
     args = ap.parse_args(argv)
 
+    from genimg.stores import open_job_store
     from producer import Client
+    from producer.client import UPLOAD_THREADS
 
     prompts = Path(args.prompts).read_text(encoding="utf-8").splitlines() if args.prompts else None
     with Client() as client:
         client.redis.ping()
         client._app()  # the broker connection a long-lived client already has
+        open_job_store(args.output, "0" * 32, client.storage_settings, callers=UPLOAD_THREADS,
+                       cache=client._stores)  # and the S3 client it has for the bucket
         setup_cpu_s = time.process_time()
         t0_epoch, t0 = time.time(), time.perf_counter()
         job = client.submit(prompts, count=args.count, model=args.model, images_per_prompt=args.images_per_prompt,

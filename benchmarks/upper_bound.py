@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         pipe._add("write", c6 - c5h)
         return {"infer": t1 - t0, "encode": t2 - t1, "write": t3 - t2, "bytes": sum(map(len, pngs))}
 
-    warm = min(2, args.count)  # first-run allocations of each session, as Triton's warmup does
+    warm = min(args.batch, args.count)  # first-run allocations of each session at the run's batch size
     batch_size, args.batch = args.batch, warm
     batch(0, write=False)
     args.batch = batch_size
