@@ -246,24 +246,40 @@ class Sampler:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    rescan_every: int = 4
+    """Samples between two scans for new descendants (a process found later is counted from its start)."""
+    _tree: list[psutil.Process] | None = None
+    _samples: int = 0
 
     def add_root(self, pid: int) -> None:
         with self._lock:
             self.roots.append(pid)
+            self._tree = None
         self.sample()
 
     def _procs(self) -> Iterable[psutil.Process]:
-        seen: set[int] = set()
-        for r in list(self.roots):
-            try:
-                root = psutil.Process(r)
-                tree = [root, *root.children(recursive=True)]
-            except psutil.Error:
-                continue
-            for p in tree:
-                if p.pid not in seen:
-                    seen.add(p.pid)
-                    yield p
+        """The roots' process trees: rebuilt from one scan of ``/proc`` every :attr:`rescan_every` samples
+        (``Process.children`` scanned it once per root: ~16 ms a sample for genimg's six roots, 3 % of
+        the two CPUs the systems run on, taken from the system with the most roots), else the last trees."""
+        self._samples += 1
+        if self._tree is None or self._samples % self.rescan_every == 0:
+            kids: dict[int, list[psutil.Process]] = {}
+            for p in psutil.process_iter(["ppid"]):
+                kids.setdefault(p.info["ppid"], []).append(p)
+            tree: dict[int, psutil.Process] = {}
+            stack = []
+            for r in list(self.roots):
+                try:
+                    stack.append(psutil.Process(r))
+                except psutil.Error:
+                    continue
+            while stack:
+                p = stack.pop()
+                if p.pid not in tree:
+                    tree[p.pid] = p
+                    stack.extend(kids.get(p.pid, ()))
+            self._tree = list(tree.values())
+        return self._tree
 
     def sample(self, first: bool = False) -> None:
         totals: dict[str, int] = {}

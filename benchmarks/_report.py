@@ -180,19 +180,19 @@ def breakdown(genimg: dict, bound: dict) -> dict:
     ``thread_time`` around ``Session.run`` (``stub_overhead`` = the difference:
     the Python backend's shared-memory copies and ``execute`` wrapper;
     ``other_stubs``: the stubs of models the pipeline does not use, polling). The
-    worker's PNG encoding is the bound's (same function, same images);
-    ``worker_other`` is the rest of the worker (gRPC client, tar, index, S3
-    client, Celery). Idle capacity is split into pipeline fill (before Triton's
+    worker's PNG encoding and pHashes are the bound's (same functions, same
+    images); ``worker_other`` is the rest of the worker (gRPC client, tar,
+    index, S3 client, Celery). Idle capacity is split into pipeline fill (before Triton's
     stubs first get busy), drain (after they last are) and the middle.
     """
     g_kind = {k: 1000 * v for k, v in (genimg.get("cpu_s_per_image_by_kind") or {}).items() if v is not None}
     b_stage = bound.get("cpu_ms_per_image_by_stage") or {}
     g_model = genimg.get("cpu_ms_per_image_by_model") or {}
-    local = ("inputs", "read", "encode", "write")
+    local = ("inputs", "read", "encode", "phash", "write")
     models = {m: {"genimg": round(g_model.get(m, 0.0), 3), "bound": round(v, 3),
                   "stub_overhead": round(g_model.get(m, 0.0) - v, 3)} for m, v in b_stage.items() if m not in local}
     idle_stubs = sum(v for m, v in g_model.items() if m not in models)
-    encode = b_stage.get("encode", 0.0)
+    encode, phash = b_stage.get("encode", 0.0), b_stage.get("phash", 0.0)
     worker = g_kind.get("genimg_worker", 0.0)
     used_g = 1000 * (genimg.get("cpu_s_per_image") or 0.0)
     used_b = 1000 * (bound.get("cpu_s_per_image") or 0.0)
@@ -201,9 +201,10 @@ def breakdown(genimg: dict, bound: dict) -> dict:
         "used": {"genimg": round(used_g, 3), "bound": round(used_b, 3)},
         "models": models,
         "other_stubs": round(idle_stubs, 3),
-        "bound_other": {k: round(v, 3) for k, v in b_stage.items() if k in local and k != "encode"},
+        "bound_other": {k: round(v, 3) for k, v in b_stage.items() if k in local and k not in ("encode", "phash")},
         "png_encode": round(encode, 3),
-        "worker_other": round(worker - encode, 3),
+        "phash": round(phash, 3),
+        "worker_other": round(worker - encode - phash, 3),
         "triton_core": round(g_kind.get("triton", 0.0), 3),
         "s3_server": round(g_kind.get("s3", 0.0), 3),
         "redis": round(g_kind.get("redis", 0.0), 3),
