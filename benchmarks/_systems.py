@@ -250,7 +250,7 @@ class Bench:
         # and requests of the largest sub-batch the runs send, so that every model instance has grown its
         # ONNX Runtime memory arena before a clock runs (the first job otherwise pays those page faults)
         self._genimg_job(ws, warm_count=512 * n, shard_size=256, sub_batch_size=256)
-        self._genimg_job(ws, model="faces_x4", warm_count=8 * n, shard_size=8, sub_batch_size=8)
+        self._genimg_job(ws, model="faces_x4", warm_count=32 * n, shard_size=16, sub_batch_size=16)  # faces runs: 16
         return ws
 
     def stop_workers(self, key: tuple) -> None:
