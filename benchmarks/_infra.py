@@ -250,10 +250,12 @@ class Sampler:
     """Samples between two scans for new descendants (a process found later is counted from its start)."""
     _tree: list[psutil.Process] | None = None
     _samples: int = 0
+    _scan_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add_root(self, pid: int) -> None:
         with self._lock:
             self.roots.append(pid)
+        with self._scan_lock:  # after any scan in progress (it may predate the new root)
             self._tree = None
         self.sample()
 
@@ -261,6 +263,10 @@ class Sampler:
         """The roots' process trees: rebuilt from one scan of ``/proc`` every :attr:`rescan_every` samples
         (``Process.children`` scanned it once per root: ~16 ms a sample for genimg's six roots, 3 % of
         the two CPUs the systems run on, taken from the system with the most roots), else the last trees."""
+        with self._scan_lock:
+            return self._scan()
+
+    def _scan(self) -> list[psutil.Process]:
         self._samples += 1
         if self._tree is None or self._samples % self.rescan_every == 0:
             kids: dict[int, list[psutil.Process]] = {}
@@ -321,6 +327,7 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        self._tree = None  # the last sample finds every process still running
         self.sample()
 
     def report(self) -> dict:

@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         pngs = [imaging.encode(img, "png") for img in images]
         t2, c5 = time.perf_counter(), time.thread_time()
         hashes = imaging.phashes(images)  # the index's phash column (issue 18), as genimg's worker makes it
-        c5h = time.thread_time()
+        t2, c5h = time.perf_counter(), time.thread_time()  # "encode" holds the pHashes, as in genimg's stats
         if write:  # one tar per batch (as genimg writes one per shard and Ray one per batch): no per-file cost
             members = [(f"{int(i):08d}.png", data) for i, data in zip(idx, pngs)]
             members.append((f"{int(idx[0]):08d}.phash", "\n".join(hashes).encode()))
