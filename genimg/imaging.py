@@ -225,7 +225,7 @@ def phash(image: np.ndarray) -> str:
     return phashes(np.asarray(image)[None])[0]
 
 
-def phashes(images: np.ndarray) -> list[str]:
+def phashes(images: Sequence[np.ndarray] | np.ndarray) -> list[str]:
     """:func:`phash` of each image of a batch, the same strings, with the DCT, median and bits done once for all.
 
     Per image only the grey conversion and the 32x32 Lanczos resize run (PIL, as
@@ -235,7 +235,8 @@ def phashes(images: np.ndarray) -> list[str]:
     ``imagehash.phash`` takes 0.25 (``tests/test_imaging.py`` holds them equal).
 
     Args:
-        images: uint8 ``[B, H, W, C]``, C in ``{1, 3, 4}`` (the pixels before lossy encoding).
+        images: uint8 ``[B, H, W, C]``, or ``B`` arrays ``[H, W, C]``; C in ``{1, 3, 4}`` (the pixels
+            before lossy encoding).
 
     Returns:
         ``B`` strings of 16 lowercase hex digits.

@@ -428,7 +428,7 @@ def run_shard(spec: JobSpec, shard_index: int, *, store: ObjectStore, layout: La
                     items.append(ShardItem(reason=KEEP_IF_UNMET, extra={**meta, **columns}, **common))
                 continue
             kept.append((j, common, {**meta, **columns}))
-        hashes = imaging.phashes(images[[j for j, _, _ in kept]]) if kept else []
+        hashes = imaging.phashes([images[j] for j, _, _ in kept])
         for (j, common, extra), phash in zip(kept, hashes, strict=True):
             te = time.perf_counter()
             data = imaging.encode(images[j], spec.image_format, spec.quality)

@@ -263,11 +263,10 @@ def _header(name: str, size: int) -> bytes:
     """The header ``tarfile`` writes for :func:`_tarinfo` ``(name, size)`` in USTAR format, built from
     :data:`_HEADER` (a tenth of the CPU); names that need ``tarfile``'s handling (over 100 bytes, not
     ASCII) and sizes of 8 GiB or more take its own path."""
-    raw = name.encode("ascii", "replace")
-    if len(raw) > 100 or not name.isascii() or "\0" in name or size >= 8 ** 11:
+    if len(name) > 100 or not name.isascii() or "\0" in name or size >= 8 ** 11:
         return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
     buf = bytearray(_HEADER)
-    buf[_NAME] = raw.ljust(100, b"\0")
+    buf[_NAME] = name.encode("ascii").ljust(100, b"\0")
     buf[_SIZE] = b"%011o\0" % size
     buf[_CHKSUM] = b"        "
     buf[_CHKSUM] = b"%06o\0 " % sum(buf)

@@ -235,5 +235,7 @@ def test_batch_phashes_are_the_imagehash_library_phash_of_each_image(images):
     expected = [str(imagehash.phash(Image.fromarray(im[:, :, 0] if im.shape[2] == 1 else im), hash_size=8))
                 for im in images]
     assert phashes(images) == expected
+    assert phashes(list(images)) == expected  # the worker passes the kept images of a sub-batch as a list
+    assert phashes([]) == []
     assert [phash(im) for im in images] == expected
     assert all(len(h) == 16 for h in expected)

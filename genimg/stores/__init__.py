@@ -94,7 +94,7 @@ def open_job_store(output_url: str, job_id: str, settings: StorageSettings | Non
         if isinstance(output_url, str) and output_url.startswith("s3://"):
             bucket, prefix = parse_s3_url(output_url)
             root = f"s3://{bucket}"
-        if root not in cache:
-            cache[root] = open_store(output_url, settings, callers=callers)
+        if root not in cache:  # kept with prefix "": the store serves every prefix of its bucket
+            cache[root] = (open_store(output_url, settings, callers=callers)[0], "")
         store = cache[root][0]
     return store, Layout(bucket=store.bucket, prefix=prefix, job_id=job_id)
