@@ -59,6 +59,20 @@ def test_a_worker_with_an_invalid_setting_exits_2_naming_it_and_a_healthy_worker
     assert "Triton ready" in healthy.log() and "consuming shards" in healthy.log()
 
 
+def _triton_seen(triton_server, port: int) -> str:
+    """Triton's repository index asked directly and through the forwarder, for a failure message."""
+    from genimg.triton.client import InferenceClient
+
+    seen = []
+    for name, url in (("direct", triton_server.urls["grpc"]), ("forwarded", f"127.0.0.1:{port}")):
+        with InferenceClient(url, timeout_s=5) as client:
+            try:
+                seen.append(f"{name}: not ready {client.not_ready(['noise2img', 'faces'])}")
+            except Exception as e:  # noqa: BLE001 - reported, not handled
+                seen.append(f"{name}: {e}")
+    return "; ".join(seen)
+
+
 OUTAGE_S = 20.0
 """How long Triton stays unreachable: well past the old retry slack of this worker's settings (5 retries with
 countdowns of at most 2 s: about 7.5 s, after which the shard used to be failed)."""
@@ -96,13 +110,43 @@ def test_triton_down_longer_than_the_old_retry_slack_mid_job_pauses_consumption_
             forwarder.start()  # Triton is back on the same address
             try:
                 status = job.wait(progress=False, timeout_s=180)
-            except TimeoutError as e:  # say what the worker saw: the gate's checks, the retries
-                raise AssertionError(f"{e}; {job.status()}\nworker log:\n{worker.log()[-6000:]}") from e
+            except TimeoutError as e:  # say what the worker saw (the gate's checks, the retries) and Triton's state
+                raise AssertionError(f"{e}; {job.status()}\n{_triton_seen(triton_server, port)}\n"
+                                     f"worker log:\n{worker.log()[-6000:]}") from e
         assert status.state == "succeeded" and status.shards_failed == 0 and status.items_done == 48, status
         manifest = job.manifest()
         assert sorted(manifest.column("item_index").to_pylist()) == list(range(48))
         log = worker.log()
         assert "shard failed" not in log and "retries_exhausted" not in log
         assert log.index("Triton cannot serve") < log.rindex("consuming shards")  # paused, then resumed
+        # While paused, the gate said why every 10 check intervals (5 s here).
+        assert re.search(r"still not taking shards from queue \S+ \(paused for \d+ s\): \S", log), log[-3000:]
     finally:
         forwarder.stop()
+
+
+def test_a_stuck_triton_check_is_killed_and_restarted_so_the_gate_can_open_again(triton_server):
+    """The checker process stops answering (SIGSTOP: a process stuck in a call looks the same from outside).
+    The watch reports "not ready" once its last answer is stale, its watchdog kills the silent checker after
+    ``silent_s`` and starts a new one, and the watch reports "ready" again from the new process."""
+    import os
+    import signal
+
+    from workers.gate import TritonWatch
+
+    watch = TritonWatch(triton_server.urls["grpc"], "grpc", ["noise2img", "faces"], interval_s=0.5).start()
+    try:
+        wait_for(lambda: watch.status()[0], 60, "the first good check")
+        stuck = watch._proc
+        assert stuck is not None and watch.silent_s == 10.0
+        os.kill(stuck.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: not watch.status()[0], 30, "the stale answer to count as not ready")
+        assert "no Triton check answered" in watch.status()[1], watch.status()
+        wait_for(lambda: stuck.poll() is not None, 60, "the watchdog to kill the silent checker")
+        assert stuck.returncode == -signal.SIGKILL
+        assert time.monotonic() - stopped >= watch.silent_s - watch.interval_s
+        wait_for(lambda: watch.status()[0] and watch._proc is not stuck, 60, "a new checker's good answer")
+        assert watch.restarts == 1 and watch._proc is not None and watch._proc.pid != stuck.pid
+    finally:
+        watch.stop()

@@ -6,7 +6,9 @@ Two parts:
   as a subprocess that asks Triton every ``GENIMG_TRITON_CHECK_INTERVAL_S``
   seconds whether each model of :func:`workers.app.required_models` is ready
   (one repository-index request per check, whatever the number of models)
-  and prints one JSON line per check. The check runs in its own process
+  and prints one JSON line per check. A checker silent for
+  :attr:`TritonWatch.silent_s` (stuck in a call, or stopped) is killed and
+  started again. The check runs in its own process
   because a gRPC channel in the Celery main process would be inherited by
   every pool child forked later (gRPC is not fork-safe); the subprocess is
   started with fork+exec, so it shares nothing.
@@ -19,7 +21,9 @@ Two parts:
   a retry countdown) are not failed: they retry within their time budget
   (``GENIMG_RETRY_BUDGET_S``); what stays in the queue waits for a worker that
   can run it. A queue cancelled by remote control (``genimg-prestop`` before
-  SIGTERM) stays cancelled: the gate does not open it again.
+  SIGTERM) stays cancelled: the gate does not open it again. While closed it
+  logs why every ``PAUSED_LOG_S`` seconds
+  (or 10 check intervals, if shorter).
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ log = logging.getLogger(__name__)
 STALE_CHECKS = 3
 """A check older than this many intervals (plus the probe's timeout) counts as "not ready"."""
 
+SILENT_MIN_S = 10.0
+"""A checker that printed nothing for ``max(SILENT_MIN_S, 2 * stale_s)`` seconds (counted from its start, or
+its last answer) is killed and started again: its process or gRPC call is stuck, and a stuck checker would keep
+the gate closed for good."""
+
+PAUSED_LOG_S = 30.0
+"""While the gate keeps the queue closed, it says why this often (seconds; at most every 10 check intervals)."""
+
 
 class TritonWatch:
     """The checking subprocess and the latest answer it gave (thread-safe).
@@ -54,16 +66,22 @@ class TritonWatch:
     def __init__(self, url: str, protocol: str, models: Sequence[str], interval_s: float) -> None:
         self.url, self.protocol, self.models, self.interval_s = url, protocol, list(models), interval_s
         self.timeout_s = max(1.0, min(5.0, 2 * interval_s))
+        self.stale_s = STALE_CHECKS * interval_s + self.timeout_s
+        self.silent_s = max(SILENT_MIN_S, 2 * self.stale_s)
         self._lock = threading.Lock()
         self._ready = False
         self._detail = "no check yet"
         self._at = 0.0
+        self._heard = time.monotonic()  # the checker's start or last line, whichever is later
         self._proc: subprocess.Popen | None = None
         self._stopping = False
+        self.restarts = 0
 
     def start(self) -> TritonWatch:
-        """Start the subprocess and a thread that reads its answers (and restarts it if it exits)."""
+        """Start the subprocess, a thread that reads its answers (and restarts it if it exits), and a
+        watchdog that kills it when it goes silent."""
         threading.Thread(target=self._run, name="triton-watch", daemon=True).start()
+        threading.Thread(target=self._watchdog, name="triton-watchdog", daemon=True).start()
         return self
 
     def _spawn(self) -> subprocess.Popen:
@@ -75,6 +93,7 @@ class TritonWatch:
     def _run(self) -> None:
         while not self._stopping:
             try:
+                self._heard = time.monotonic()
                 self._proc = proc = self._spawn()
             except OSError as e:
                 self._set(False, f"cannot start the Triton check: {e}")
@@ -82,6 +101,7 @@ class TritonWatch:
                 continue
             assert proc.stdout is not None
             for line in proc.stdout:
+                self._heard = time.monotonic()
                 try:
                     doc = json.loads(line)
                     self._set(bool(doc["ready"]), str(doc.get("detail", "")))
@@ -89,8 +109,21 @@ class TritonWatch:
                     continue
             proc.wait()
             if not self._stopping:
+                self.restarts += 1
                 self._set(False, f"Triton check exited with {proc.returncode}; restarting it")
                 time.sleep(self.interval_s)  # a retry period before starting the checker again
+
+    def _watchdog(self) -> None:
+        while not self._stopping:
+            time.sleep(self.interval_s)  # the watchdog's own period
+            proc, silent = self._proc, time.monotonic() - self._heard
+            if proc is None or proc.poll() is not None or silent < self.silent_s:
+                continue
+            log.warning("the Triton check (pid %d) answered nothing for %.0f s: killing it; it starts again",
+                        proc.pid, silent)
+            self._set(False, f"the Triton check answered nothing for {silent:.0f} s; restarting it")
+            proc.kill()  # the reader sees EOF and starts a new checker
+            self._heard = time.monotonic()
 
     def _set(self, ready: bool, detail: str) -> None:
         with self._lock:
@@ -100,7 +133,7 @@ class TritonWatch:
         """``(ready, detail)``: ready only if the latest check, recent enough, found every model ready."""
         with self._lock:
             ready, detail, at = self._ready, self._detail, self._at
-        if ready and time.monotonic() - at > STALE_CHECKS * self.interval_s + self.timeout_s:
+        if ready and time.monotonic() - at > self.stale_s:
             return False, f"no Triton check answered for {time.monotonic() - at:.0f} s"
         return ready, detail
 
@@ -127,6 +160,7 @@ class TritonGate(bootsteps.StartStopStep):
         self.tref = None
         self.open: bool | None = None
         self.released = False
+        self.closed_at = self.said_at = 0.0  # when the gate closed; when it last said why
 
     def start(self, c) -> None:
         from genimg.settings import TritonSettings
@@ -157,6 +191,11 @@ class TritonGate(bootsteps.StartStopStep):
             return
         ready, detail = self.watch.status()
         if ready == self.open:
+            now = time.monotonic()
+            if not ready and now - self.said_at >= min(PAUSED_LOG_S, 10 * self.watch.interval_s):
+                self.said_at = now
+                log.warning("still not taking shards from queue %s (paused for %.0f s): %s", queue,
+                            now - self.closed_at, detail)
             return
         queues = c.app.amqp.queues
         if ready:
@@ -166,6 +205,7 @@ class TritonGate(bootsteps.StartStopStep):
             log.info("Triton ready (%s): consuming shards from queue %s", detail, queue)
         else:
             c.cancel_task_queue(queue)
+            self.closed_at = self.said_at = time.monotonic()
             log.warning("Triton cannot serve (%s): not taking shards from queue %s until it can; shards "
                         "already taken retry", detail, queue)
         self.open = ready
