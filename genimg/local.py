@@ -179,6 +179,28 @@ class StackState:
         return [n for n, p in self.procs.items() if not p.alive()]
 
 
+def _follow_triton_restarts(state: StackState) -> None:
+    """Point the recorded ``tritonserver`` at the process ``genimg triton serve`` restarted last, if it did
+    (its ``{"event": "restarted", "pid": …}`` lines in the ``triton`` log)."""
+    serve, server = state.procs.get("triton"), state.procs.get("tritonserver")
+    if serve is None or server is None:
+        return
+    try:
+        with open(serve.log, "rb") as f:
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return
+    for line in reversed(lines):
+        if line.startswith('{"event": "restarted"'):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                pid = int(json.loads(line)["pid"])
+                if pid != server.pid:
+                    ticks = start_ticks(pid)  # None: gone already; -1 then, so a recycled pid is not taken for it
+                    state.procs["tritonserver"] = dataclasses.replace(server, pid=pid,
+                                                                      ticks=-1 if ticks is None else ticks)
+            return
+
+
 class LocalStack:
     """Start, inspect and stop the local stack whose state lives in ``directory``.
 
@@ -196,12 +218,14 @@ class LocalStack:
     def load(self) -> StackState | None:
         """The recorded stack, or None when there is none."""
         try:
-            return StackState.from_json(self.state_path.read_text())
+            state = StackState.from_json(self.state_path.read_text())
         except FileNotFoundError:
             return None
         except (ValueError, KeyError, TypeError) as e:
             raise LocalStackError(f"unreadable state file {self.state_path}: {e}; remove it after checking "
                                   "that no stack process runs") from e
+        _follow_triton_restarts(state)
+        return state
 
     def _save(self, state: StackState) -> None:
         tmp = self.state_path.with_suffix(".tmp")

@@ -110,3 +110,33 @@ def test_local_up_reuses_the_servers_named_in_the_environment_and_down_leaves_th
     assert down.returncode == 0, down.stderr
     assert redis.Redis.from_url(REDIS_URL).ping()
     assert triton_server.is_ready()
+
+
+def test_status_follows_a_tritonserver_that_triton_serve_restarted(tmp_path: Path):
+    """``genimg triton serve`` restarts a crashed tritonserver (a new pid) and says so in its log; ``status``
+    (and ``down``) then mean the new process, not the dead one recorded at ``up``."""
+    from genimg.local import LocalStack, StackState
+    from genimg.local_procs import Proc, start_ticks
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    new = subprocess.Popen(["sleep", "60"])
+    try:
+        log = tmp_path / "triton.log"
+        log.write_text(f'{{"event": "ready", "pid": {dead.pid}}}\ntritonserver exited by itself (code -11)\n'
+                       f'{{"event": "restarted", "pid": {new.pid}, "exit_code": -11}}\n')
+        serve = Proc(name="triton", pid=os.getpid(), ticks=start_ticks(os.getpid()), log=str(log))
+        old = Proc(name="tritonserver", pid=dead.pid, ticks=None, log=str(log))
+        state = StackState(directory=str(tmp_path), env={}, procs={"triton": serve, "tritonserver": old},
+                           external={}, info={}, created_at="2026-12-02T00:00:00+00:00")
+        stack = LocalStack(tmp_path)
+        stack._save(state)
+        loaded = stack.load()
+        assert loaded is not None
+        assert loaded.procs["tritonserver"].pid == new.pid and loaded.procs["tritonserver"].alive()
+        rows = {r["name"]: r for r in stack.status()["components"]}
+        assert rows["tritonserver"]["state"] == "running" and rows["tritonserver"]["pid"] == new.pid
+    finally:
+        new.kill()
+        new.wait()
+    assert not stack.load().procs["tritonserver"].alive()

@@ -191,6 +191,35 @@ def test_serve_command_waits_for_ready_and_stops_cleanly_on_signal(echo_repo, si
     assert not Path(ready["log"]).exists()  # the private work dir is removed
 
 
+def test_serve_restarts_a_crashed_tritonserver_on_its_ports_then_gives_up_past_max_restarts(echo_repo):
+    """tritonserver dies by SIGSEGV (how Triton 2.51 dies on server#7368): ``genimg triton serve`` starts it
+    again on the same ports, prints a "restarted" line once READY, and clients on the old address are served.
+    With ``--max-restarts 1`` a second crash within the window ends it with exit code 1, saying so."""
+    cmd = [sys.executable, "-m", "producer.cli", "triton", "serve", "--repo", str(echo_repo), "--http-port", "0",
+           "--grpc-port", "0", "--metrics-port", "0", "--exit-timeout-s", "2", "--max-restarts", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["event"] == "ready"
+        os.kill(ready["pid"], signal.SIGSEGV)
+        again = json.loads(proc.stdout.readline())  # printed once every model is READY again
+        assert again["event"] == "restarted" and again["exit_code"] == -signal.SIGSEGV, again
+        assert again["grpc"] == ready["grpc"] and again["http"] == ready["http"] and again["pid"] != ready["pid"]
+        with InferenceClient(ready["grpc"]) as c:
+            assert c.infer("prompt_echo", {"PROMPT": ["back"]})["ECHO"][0, 0] == b"back"
+        os.kill(again["pid"], signal.SIGSEGV)
+        assert proc.wait(timeout=60) == 1
+        err = proc.stderr.read()
+        assert "exited by itself (code -11 (SIGSEGV)); restarting it on the same ports (1 of 1" in err, err
+        assert "after 1 restarts in 10 min; giving up" in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _processes_mentioning(ready["shm_prefix"]) == []
+    assert not Path(ready["log"]).exists()
+
+
 def test_infer_after_ready_returns_the_contract_shapes_through_the_ensemble(triton_server):
     with InferenceClient(triton_server.urls["grpc"]) as c:
         out = c.infer("noise2img", {"Z": np.zeros((2, contract.Z_DIM), np.float32)})

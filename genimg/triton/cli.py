@@ -14,6 +14,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -23,6 +24,12 @@ from genimg.errors import GenImgError
 
 app = typer.Typer(help="Run and probe Triton Inference Server.\n\n"
                   "Example: genimg triton serve --repo model_repository", no_args_is_help=True)
+
+
+RESTART_WINDOW_S = 600.0
+"""``--max-restarts`` counts the restarts of this many seconds."""
+
+_SIGNALS = {int(s) for s in signal.Signals}
 
 
 class _Stop(Exception):
@@ -47,11 +54,17 @@ def serve(
     exit_timeout_s: int = typer.Option(5, help="Triton's --exit-timeout-secs."),
     ready_timeout_s: float = typer.Option(180.0, help="Seconds to wait for every model to be READY."),
     log_verbose: int = typer.Option(0, help="Triton's --log-verbose level."),
+    max_restarts: int = typer.Option(5, min=0, help="Restart tritonserver on its ports when it dies by itself, "
+                                                    "at most this many times in 10 minutes (0: never)."),
 ) -> None:
     """Start tritonserver (nvidia-pytriton wheel) on REPO, wait until every model is READY, run until SIGTERM/SIGINT.
 
     Prints one JSON line ``{"event": "ready", "http": ..., "grpc": ..., "metrics": ..., "pid": ...,
-    "log": ...}`` once ready. Exit code 0 after a signal, 1 if the server fails or exits by itself.
+    "log": ...}`` once ready. A tritonserver that dies by itself (the wheel's Triton 2.51 can segfault when a
+    client cancels a request: triton-inference-server/server#7368) is restarted on the same ports, as a
+    Kubernetes ``restartPolicy`` would, up to ``--max-restarts`` times in 10 minutes; each restart prints
+    ``{"event": "restarted", ..., "exit_code": ...}`` once the models are READY again. Exit code 0 after a
+    signal, 1 if the server fails to start or dies once too often.
     """
     from genimg.triton.server import TritonServer
 
@@ -67,9 +80,25 @@ def serve(
         typer.echo(json.dumps({"event": "ready", **server.urls, "pid": server.pid, "shm_prefix": server.shm_prefix,
                                "log": str(server.log_path)}))
         sys.stdout.flush()
-        if server.process is not None:
-            server.process.wait()  # a signal interrupts this wait by raising _Stop
-        typer.echo(f"tritonserver exited by itself; log tail:\n{server.log_tail()}", err=True)
+        restarts: list[float] = []
+        while server.process is not None:
+            died = server.process.wait()  # a signal interrupts this wait by raising _Stop
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < RESTART_WINDOW_S]
+            how = f"code {died}" + (f" ({signal.Signals(-died).name})" if died < 0 and -died in _SIGNALS else "")
+            if len(restarts) >= max_restarts:
+                typer.echo(f"tritonserver exited by itself ({how}) after {len(restarts)} restarts in "
+                           f"{RESTART_WINDOW_S / 60:g} min; giving up; log tail:\n{server.log_tail()}", err=True)
+                break
+            restarts.append(now)
+            typer.echo(f"tritonserver exited by itself ({how}); restarting it on the same ports ({len(restarts)} "
+                       f"of {max_restarts} in {RESTART_WINDOW_S / 60:g} min); log tail:\n{server.log_tail(1500)}",
+                       err=True)
+            server.restart()
+            server.wait_ready(ready_timeout_s)
+            typer.echo(json.dumps({"event": "restarted", **server.urls, "pid": server.pid, "exit_code": died,
+                                   "shm_prefix": server.shm_prefix, "log": str(server.log_path)}))
+            sys.stdout.flush()
         code = 1
     except _Stop as sig:
         typer.echo(f"{sig}: stopping tritonserver", err=True)

@@ -295,6 +295,26 @@ class TritonServer:
             self.work_dir = None
         return code
 
+    def restart(self) -> int | None:
+        """Start the server again on the ports it had, after its process died (a crash, a kill) or is stopped.
+
+        What the old process left (its process group, leaked shared memory) is removed first; the work
+        directory and ``triton.log`` are kept (the log is appended to). Clients keep their addresses.
+        Call :meth:`wait_ready` afterwards.
+
+        Returns:
+            the old process's exit code (negative: the signal that ended it).
+
+        Raises:
+            ConfigError: the server was never started.
+        """
+        if not self.ports:
+            raise ConfigError("server never started: nothing to restart")
+        code = self._reap(self.exit_timeout_s + 15)
+        self._ports = dict(self.ports)  # the same ports, not new free ones
+        self.start()
+        return code
+
     def _reap(self, timeout_s: float = 0.0) -> int | None:
         """SIGTERM, wait ``timeout_s``, SIGKILL the process group, remove leaked shm; returns the exit code."""
         proc, self.process = self.process, None
