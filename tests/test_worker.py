@@ -111,3 +111,18 @@ def test_a_noise2img_job_without_upscale_writes_28px_images(stack, s3_bucket):
     assert set(table.column("width").to_pylist()) == {28}
     assert set(table.column("format").to_pylist()) == {"webp"}
     assert verify_manifest(store, layout, table).ok
+
+
+def test_a_job_of_many_shards_is_finalised_without_outgrowing_the_workers_s3_connection_pool(stack, s3_bucket):
+    """The finalisation reads every shard's index with 8 threads; the worker's S3 store was sized for its 4
+    upload threads (6 connections), so urllib3 logged "Connection pool is full, discarding connection" and
+    reconnected (3 times for this job before the fix)."""
+    worker = stack.start_worker()
+    worker.wait_ready()
+    with _client() as client:
+        job = client.submit(count=200, model="noise2img", output=f"s3://{s3_bucket}/many", shard_size=8,
+                            upscale=False)
+        assert job.wait(progress=False, timeout_s=180).state == "succeeded"
+        assert job.manifest().num_rows == 200
+    assert "job finalised" in worker.log()  # by this worker, through its store
+    assert "Connection pool is full" not in worker.log()

@@ -99,10 +99,16 @@ class WorkerContext:
         return spec
 
     def store_for(self, spec: JobSpec) -> tuple[ManagedStore, Layout]:
-        """(store, layout) of the job's output URL; one store per bucket, reused."""
+        """(store, layout) of the job's output URL; one store per bucket, reused.
+
+        Its connection pool fits the most threads that call it at once: the shard's uploads
+        (``GENIMG_UPLOAD_THREADS``) or the finalisation's index reads (``genimg.manifest.READ_THREADS``).
+        """
+        from genimg.manifest import READ_THREADS
         from genimg.stores import open_job_store
 
-        return open_job_store(spec.output, spec.job_id, self.storage_settings, cache=self._stores)
+        return open_job_store(spec.output, spec.job_id, self.storage_settings, cache=self._stores,
+                              callers=max(SETTINGS.upload_threads, READ_THREADS))
 
 
 _CTX: WorkerContext | None = None
