@@ -241,7 +241,8 @@ class WorkerSettings(RedisSettings):
     shards only while they are (:mod:`workers.gate`)."""
     unacked_restore_interval_s: int = Field(default=5, gt=0)
     """How often kombu sweeps for messages past their visibility timeout."""
-    concurrency: int = Field(default=1, gt=0)
+    concurrency: int = Field(default=1, gt=0, le=256)
+    """Pool processes (prefork); each holds its own Triton and S3 clients."""
     max_tasks_per_child: int = Field(default=0, ge=0)
     """Recycle a pool child after this many shards (0 = never)."""
     metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -303,7 +304,8 @@ class TritonSettings(GenimgSettings):
     triton_protocol: Literal["grpc", "http"] = "grpc"
     triton_timeout_s: float = Field(default=60.0, gt=0)
     triton_ready_timeout_s: float = Field(default=120.0, gt=0)
-    triton_max_message_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    triton_max_message_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """gRPC send/receive limit; at least 1 MiB (below it even the repository index does not fit)."""
     triton_expander: str = Field(default="prompt_expander", pattern=r"^([A-Za-z_][A-Za-z0-9_.-]{0,127})?$")
     """The prompt expander (jobs with ``expand``) a worker waits for besides the profiles' models; empty:
     none (a repository built with ``--no-expander`` or ``--profiles-only``)."""

@@ -106,12 +106,18 @@ class Template:
         return "".join(out)
 
 
+MAX_DEPTH = 32
+"""Deepest nesting of ``{...}`` groups a template may have (parsing and rendering recurse per level; Python's
+stack is the limit otherwise, and it is shallower in a worker than in the producer)."""
+
+
 def parse_template(text: str) -> Template:
     """Parse a template (see the module docstring for its syntax).
 
     Raises:
-        ValueError: unbalanced ``{``/``}``, a ``|`` outside braces, or a group that is neither
-            ``{prompt}`` nor has two or more alternatives; the message gives the character position.
+        ValueError: unbalanced ``{``/``}``, a ``|`` outside braces, groups nested deeper than
+            :data:`MAX_DEPTH`, or a group that is neither ``{prompt}`` nor has two or more
+            alternatives; the message gives the character position.
     """
     pos = 0
 
@@ -131,6 +137,8 @@ def parse_template(text: str) -> Template:
             ch = text[pos]
             pos += 1
             if ch == "{":
+                if depth >= MAX_DEPTH:
+                    raise ValueError(f"groups nest deeper than {MAX_DEPTH} levels at character {pos - 1}")
                 flush()
                 inner = parse(depth + 1)
                 current.append(inner)

@@ -53,6 +53,11 @@ def test_images_of_a_prompt_share_its_expansion_unless_per_item():
     assert sum(own[2 * k] != own[2 * k + 1] for k in range(200)) > 150
 
 
+def test_groups_nested_32_deep_are_accepted_and_render():
+    template = parse_template("{x|" * 32 + "y" + "}" * 32)
+    assert template.render("p", 0, {}) in {"x", "y"}
+
+
 def test_nested_groups_and_wildcards_expand_from_the_stored_options():
     wild = {"mood": ["calm", "stormy"]}
     spec = JobSpec.create(model="txt2img", num_prompts=400, seed=2, output="s3://bucket/x", shard_size=1000,
@@ -68,6 +73,9 @@ def test_nested_groups_and_wildcards_expand_from_the_stored_options():
     ("ab}", "unbalanced '}' at character 2"),
     ("{solo} cat", "has one alternative"),
     ("{a|{b|c}", "unbalanced '{' at character 0"),
+    ("{a|" * 33 + "b" + "}" * 33, "groups nest deeper than 32 levels at character 96"),
+    ("{a|" * 485 + "b" + "}" * 485, "groups nest deeper than 32 levels"),  # a RecursionError in workers before
+    ("{" * 999 + "}" * 999, "groups nest deeper than 32 levels at character 32"),  # and in the producer
 ])
 def test_malformed_templates_say_what_and_where(template, words):
     with pytest.raises(ValueError, match=None) as info:

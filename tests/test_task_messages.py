@@ -104,3 +104,7 @@ def test_a_job_spec_edited_in_redis_into_something_invalid_is_rejected_not_run(s
         assert "shard_size" in worker.log()
         store, layout = client.job_store(job.spec)
         assert not [k for k in store.list_keys(layout.shards_prefix)]
+        # Recorded with the reason, so the job says why it cannot finish (before: "queued" for ever).
+        failed = {int(k): v.decode() for k, v in stack.redis.hgetall(client.keys.job(job.job_id, "failed")).items()}
+        assert sorted(failed) == [0, 1] and all(v.startswith("spec_unusable: ValidationError:") and
+                                                "shard_size" in v for v in failed.values()), failed

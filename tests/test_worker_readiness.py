@@ -26,6 +26,8 @@ INVALID_SETTINGS = [
     ("GENIMG_S3_ADDRESSING_STYLE", "subdomain"),
     ("GENIMG_S3_RETRY_MODE", "legacy"),
     ("GENIMG_CONCURRENCY", "0"),
+    ("GENIMG_CONCURRENCY", "100000"),  # exhausted file descriptors and exited 0 before
+    ("GENIMG_TRITON_MAX_MESSAGE_BYTES", "1"),  # started, then rejected every shard it took
     ("GENIMG_VISIBILITY_TIMEOUT_S", "soon"),
     ("GENIMG_REDIS_URL", "http://127.0.0.1:6379/0"),
     ("GENIMG_TRITON_URL", "127.0.0.1"),
@@ -43,10 +45,10 @@ def test_a_worker_with_an_invalid_setting_exits_2_naming_it_and_a_healthy_worker
     with Client() as client:
         job = client.submit(count=6, model="noise2img", upscale=False, shard_size=2,
                             output=f"s3://{s3_bucket}/invalid-settings")
-        bad = {var: stack.start_worker(**{var: value}) for var, value in INVALID_SETTINGS}
-        for var, w in bad.items():
+        bad = {(var, value): stack.start_worker(**{var: value}) for var, value in INVALID_SETTINGS}
+        for (var, _), w in bad.items():
             wait_for(lambda w=w: w.proc.poll() is not None, 60, f"the worker with an invalid {var} to exit")
-        for var, w in bad.items():
+        for (var, _), w in bad.items():
             out = w.log().strip()
             assert w.proc.returncode == 2, (var, w.proc.returncode, out)
             assert len(out.splitlines()) == 1 and var in out and "Traceback" not in out, (var, out)

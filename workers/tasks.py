@@ -11,7 +11,9 @@ in the retried message as ``retry_since``, Unix seconds); after that the shard
 is recorded failed (``retries_exhausted:…``). A budget in time, not a count,
 outlasts a Triton restart however many quick attempts it takes. A
 :class:`~genimg.errors.PermanentError` records the shard as failed with its
-reason, and the rest of the job goes on.
+reason, and the rest of the job goes on; so does any other exception of the
+shard's run (``internal_error:<type>``: a bug must not lose a shard) and a
+stored spec that does not parse (``spec_unusable``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import time
 from celery.exceptions import SoftTimeLimitExceeded
 
 from genimg import metrics
-from genimg.errors import GenImgError, InferenceUnavailableError, PermanentError, RetryableError
+from genimg.errors import GenImgError, InferenceUnavailableError, PermanentError, RetryableError, StorageNotFoundError
+from genimg.jobs import mark_failed
 from genimg.layout import JOB_ID_RE
 from genimg.lifecycle import fail_shard, process_shard
 from workers.app import SETTINGS, app, context, drop_inference_client
@@ -64,10 +67,11 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         return {"status": "rejected", "reason": "malformed_arguments"}
     fields = {"job_id": job_id, "shard": shard_index}
     since = _since(retry_since)
+    ctx = None
     try:
         ctx = context()
         spec = ctx.spec(job_id)
-    except PermanentError as e:
+    except StorageNotFoundError as e:  # Redis does not know the job (lost, or removed): nothing to record it in
         log.error("job spec unusable: %s", e, extra=fields)
         return {"status": "rejected", "reason": _reason(e), **fields}
     except (RetryableError, SoftTimeLimitExceeded) as e:
@@ -79,6 +83,14 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         countdown = backoff_s(min(self.request.retries, 10))
         log.warning("shard start retry %d in %.1f s: %s", self.request.retries + 1, countdown, e, extra=fields)
         raise self.retry(exc=e, countdown=countdown, kwargs={"retry_since": retry_since}) from None
+    except Exception as e:  # noqa: BLE001 - a spec that does not parse (edited by hand, or a bug): recorded
+        log.error("job spec unusable: %s: %s", type(e).__name__, e, extra=fields)
+        if ctx is None:  # the worker itself cannot work (a setting): the shard goes back for another worker
+            raise self.retry(exc=e, countdown=backoff_s(min(self.request.retries, 10)),
+                             kwargs={"retry_since": retry_since}) from None
+        mark_failed(ctx.redis, ctx.keys, job_id, shard_index, f"spec_unusable: {type(e).__name__}: {e}")
+        metrics.SHARDS_FAILED.labels("spec_unusable").inc()
+        return {"status": "failed", "reason": "spec_unusable", **fields}
     if shard_index >= spec.shard_plan().num_shards:
         log.error("shard index out of range", extra=fields)
         return {"status": "rejected", "reason": "shard_out_of_range", **fields}
@@ -104,4 +116,8 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         raise self.retry(exc=e, countdown=countdown, kwargs={"retry_since": since}) from None
     except (PermanentError, GenImgError) as e:
         return fail_shard(ctx.redis, ctx.keys, spec, shard_index, _reason(e), e, stores=ctx.store_for)
+    except Exception as e:  # noqa: BLE001 - a bug of ours must not lose the shard: recorded, the job goes on
+        log.exception("shard hit an unexpected error", extra=fields)
+        return fail_shard(ctx.redis, ctx.keys, spec, shard_index, f"internal_error:{type(e).__name__}", e,
+                          stores=ctx.store_for)
 
