@@ -385,9 +385,14 @@ class Client:
                 _check_same_prompts(stored, stream)
                 return False
             if time.monotonic() > deadline:
+                try:
+                    left = int(self.redis.ttl(self.keys.idem(idem)))
+                except (redis.RedisError, TypeError, ValueError):
+                    left = IDEMPOTENCY_CLAIM_TTL_S
                 raise ConflictError(f"idempotency key {idem!r} is held by a submit of job {spec.job_id} that is "
                                     f"still storing its inputs after {CONCURRENT_SUBMIT_WAIT_S:g} s; submit "
-                                    "again once it has finished", key=idem)
+                                    "again once it has finished (if that submit was killed, its claim expires "
+                                    f"in at most {max(0, left)} s)", key=idem)
             time.sleep(CONCURRENT_SUBMIT_POLL_S)  # the poll period of the wait above
         return True
 

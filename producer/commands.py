@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +92,31 @@ def _exit_codes() -> Iterator[None]:
     except GenImgError as e:
         _err(f"genimg: {type(e).__name__}: {e}")
         raise typer.Exit(EXIT_UNAVAILABLE) from None
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM during a submit, unwound like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (what Kubernetes, CI runners and ``timeout`` send) unwinds a submit as Ctrl-C does: what it
+    stored is deleted and its idempotency key released; the command then exits 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except _Terminated:
+        _err("genimg: submit terminated (SIGTERM)")
+        raise typer.Exit(143) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _guarded(fn: Callable[P, R]) -> Callable[P, R]:
@@ -252,7 +279,7 @@ def submit(
         if expand_model is not None:
             opts["model"] = None if expand_model.strip().lower() == "none" else expand_model
         expand_opts = opts if expand or opts else None
-        with _client(redis_url, queue, key_prefix) as client:
+        with _client(redis_url, queue, key_prefix) as client, _sigterm_unwinds():
             job = client.submit(
                 prompts, count=count, model=model, params=params, negative_prompt=negative_prompt,
                 images_per_prompt=images_per_prompt, output=output,

@@ -194,3 +194,31 @@ def test_entry_point_exit_codes_and_redis_password_never_printed(producer_env: P
     assert "QueueUnavailableError" in down.stderr
     assert secret not in down.stderr + down.stdout
     assert env.stored_keys() == []
+
+
+def test_sigterm_mid_submit_deletes_what_it_stored_releases_its_key_and_exits_143(
+        producer_env: ProducerEnv, tmp_path: Path):
+    """SIGTERM (Kubernetes, CI runners, ``timeout``) while a submit stores its prompts unwinds like Ctrl-C: a
+    break-it run found 120 prompt objects left behind and the idempotency key held for an hour, so a retry
+    with the same key waited 120 s and failed."""
+    import signal
+    import time
+
+    env = producer_env
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"a picture of the digit {i % 10}, variant {i}\n" for i in range(400_000)))
+    base = {**os.environ, **env.env()}
+    cmd = [sys.executable, "-m", "producer.cli", "submit", "--prompts", str(prompts), "--prompt-chunk-size", "100",
+           "--output", env.output, "--idempotency-key", "sigterm-1"]
+    proc = subprocess.Popen(cmd, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 40
+    while not env.stored_keys() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling storage for the first stored chunk
+    assert proc.poll() is None and env.stored_keys(), "the submit finished or stored nothing before the signal"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "submit terminated (SIGTERM)" in err
+    assert env.stored_keys() == [] and env.shard_args() == []
+    again = run(env, "submit", "--count", "5", "--output", env.output, "--idempotency-key", "sigterm-1", "--json")
+    assert again.exit_code == 0, again.stderr  # the key was released: no wait, no conflict
