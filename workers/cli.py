@@ -136,6 +136,8 @@ def worker(
             typer.echo(f"genimg worker: cannot serve /metrics on GENIMG_METRICS_PORT={s.metrics_port}: "
                        f"{e.strerror}", err=True)
             raise typer.Exit(3) from None
+    from celery.signals import worker_init
+
     from workers.app import app
 
     name = hostname or f"genimg@{socket.gethostname()}-{os.getpid()}"
@@ -145,4 +147,8 @@ def worker(
     if s.max_tasks_per_child:
         argv += ["--max-tasks-per-child", str(s.max_tasks_per_child)]
     sys.stdout.flush()
+    controllers = []
+    worker_init.connect(lambda sender=None, **_: controllers.append(sender), weak=False)
     app.worker_main(argv=argv)
+    # worker_main drops Celery's exit code: a worker that died of an unrecoverable error exited 0.
+    raise typer.Exit(next((c.exitcode for c in controllers if c is not None and c.exitcode), 0))
