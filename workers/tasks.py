@@ -84,10 +84,11 @@ def generate_shard(self, job_id, shard_index, retry_since=None):
         log.warning("shard start retry %d in %.1f s: %s", self.request.retries + 1, countdown, e, extra=fields)
         raise self.retry(exc=e, countdown=countdown, kwargs={"retry_since": retry_since}) from None
     except Exception as e:  # noqa: BLE001 - a spec that does not parse (edited by hand, or a bug): recorded
-        log.error("job spec unusable: %s: %s", type(e).__name__, e, extra=fields)
         if ctx is None:  # the worker itself cannot work (a setting): the shard goes back for another worker
+            log.error("worker cannot start shards: %s: %s", type(e).__name__, e, extra=fields)
             raise self.retry(exc=e, countdown=backoff_s(min(self.request.retries, 10)),
                              kwargs={"retry_since": retry_since}) from None
+        log.error("job spec unusable: %s: %s", type(e).__name__, e, extra=fields)
         mark_failed(ctx.redis, ctx.keys, job_id, shard_index, f"spec_unusable: {type(e).__name__}: {e}")
         metrics.SHARDS_FAILED.labels("spec_unusable").inc()
         return {"status": "failed", "reason": "spec_unusable", **fields}
