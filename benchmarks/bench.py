@@ -22,6 +22,8 @@ distinct prompt once (issue 20); two systems keep the rule before issue 20
   instances, dynamic batching delay), one setting at a time from the defaults;
   ``genimg_per_image``: those settings with the ``txt2img_per_image`` profile
   (the text encoder the ensemble's first step, as before issue 20);
+  ``genimg_previous_default``: what genimg did by default before issue 20, the
+  ``txt2img_per_image`` profile with the defaults (issue 20's "previous default");
 * ``naive_celery``: one Celery task per image (``naive_celery.py``), ``--naive-images`` items;
 * ``ray_data``: Ray Data ``map_batches`` with an actor pool (``ray_data.py``,
   in its own venv ``.cache/bench/ray-venv``, installed on first use).
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict:
                         faces_ray_cfg = f"{top['batch']}x{top['actors']}"
         result["sweeps"] = sweeps
         result["chosen"] = {"upper_bound": dict(zip(("batch", "threads", "intra_op"), best_upper)),
-                            "genimg_default": DEFAULTS, "genimg_best": best, "ray_data": ray_cfg,
+                            "genimg_default": DEFAULTS, "genimg_best": best, "genimg_per_image": best,
+                            "genimg_previous_default": DEFAULTS, "ray_data": ray_cfg,
                             "faces_upper_bound": dict(zip(("batch", "threads", "intra_op"), faces_upper)),
                             "faces_genimg": faces_cfg, "faces_ray_data": faces_ray_cfg}
 
@@ -305,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
             "genimg_default": lambda: bench.run_genimg(DEFAULTS, "genimg_default"),
             "genimg_best": lambda: bench.run_genimg(best, "genimg_best"),
             "genimg_per_image": lambda: bench.run_genimg(best, "genimg_per_image", model="txt2img_per_image"),
+            "genimg_previous_default": lambda: bench.run_genimg(DEFAULTS, "genimg_previous_default",
+                                                                model="txt2img_per_image"),
             "naive_celery": lambda: bench.run_naive(DEFAULTS, min(args.naive_images, bench.count)),
             "ray_data": lambda: bench.run_ray(ray_cfg),
             "faces_upper_bound": lambda: bench.run_upper(*faces_upper, bench.faces_count, profile="faces_x4",

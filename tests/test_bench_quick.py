@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ("upper_bound", "upper_bound_per_image", "genimg_default", "genimg_best", "genimg_per_image",
-            "naive_celery", "faces_upper_bound", "faces_genimg")
+            "genimg_previous_default", "naive_celery", "faces_upper_bound", "faces_genimg")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,8 @@ def test_quick_bench_embeds_each_prompt_once_except_in_the_per_image_variants(qu
     assert best["text_encoder"]["items"] == n // ipp and best["txt2img"]["items"] == n
     per_image = systems["genimg_per_image"]["runs"][0]["triton_models"]
     assert per_image["text_encoder"]["items"] == n and per_image["txt2img_per_image"]["items"] == n
+    previous = systems["genimg_previous_default"]["runs"][0]
+    assert previous["triton_models"]["text_encoder"]["items"] == n and previous["config"]["sub_batch_size"] == 64
     assert systems["upper_bound"]["runs"][0]["prompts_embedded"] == n // ipp
     assert systems["upper_bound_per_image"]["runs"][0]["prompts_embedded"] == n
     faces = systems["faces_genimg"]["runs"][0]["triton_models"]
@@ -92,9 +94,10 @@ def test_quick_bench_reports_ratios_targets_triton_view_and_a_chart(quick_result
                       "genimg_best/genimg_per_image", "faces_genimg/faces_upper_bound", "faces_genimg/faces_ray_data"}
     assert r["genimg_best/upper_bound"] > 0 and r["genimg_best/naive_celery"] > 0
     assert r["faces_genimg/faces_upper_bound"] > 0 and r["genimg_best/genimg_per_image"] > 0
+    assert r["genimg_best/genimg_previous_default"] > 0 and r["genimg_default/genimg_previous_default"] > 0
     assert r["genimg_best/ray_data"] is None and r["faces_genimg/faces_ray_data"] is None  # no Ray in quick mode
     assert set(result["targets"]) == {"genimg_best/upper_bound", "genimg_best/ray_data_steady",
-                                      "genimg_best/previous_genimg_best", "genimg_best/naive_celery",
+                                      "genimg_best/genimg_previous_default", "genimg_best/naive_celery",
                                       "faces_genimg/faces_upper_bound", "faces_genimg/faces_ray_data"}
     assert result["previous"]["images_per_s"]["genimg_best"] > 0  # the run before issue 20, for the ratio
     levels = result["triton_view"]["levels"]
