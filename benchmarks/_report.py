@@ -96,6 +96,7 @@ def summarize(runs: list[dict]) -> dict:
     if tm:
         out["triton_models"] = {m: {k: median([t[m][k] for t in tm if m in t]) for k in tm[0][m]} for m in tm[0]}
     out["loadavg_1m"] = [r["loadavg_1m"] for r in runs]
+    out["unit_cpu_ms"] = [(r.get("speed") or {}).get("unit_cpu_ms") for r in runs]
     if runs and runs[0].get("config"):
         out["config"] = runs[0]["config"]
     return out
@@ -134,6 +135,7 @@ def add_ratios(result: dict) -> None:
     result["ratios_quiet"] = {k: median([x["ratio"] for x in v if max(x["others"]) <= QUIET]) for k, v in
                               result["ratios_by_round"].items()}
     result["ratios_load_corrected"] = {k: _corrected(sysd, *k.split("/")) for k in result["ratios_by_round"]}
+    result["ratios_speed_corrected"] = {k: _speed_corrected(sysd, *k.split("/")) for k in result["ratios_by_round"]}
     result["quiet_limit"] = QUIET
     result["targets"] = {k: {"target": t, "source": why,
                              "met": bool(result["ratios"].get(k) is not None and result["ratios"][k] >= t),
@@ -168,6 +170,24 @@ def _corrected(sysd: dict, a: str, b: str) -> float | None:
     def m(name: str, st: bool) -> float | None:
         runs = (sysd.get(name) or {}).get("runs") or []
         return median([_rate(r, st) / max(0.3, 1 - r["host_busy_share_other"]) for r in runs])
+
+    x, y = m(a, False), m(b_sys, steady)
+    return round(x / y, 3) if x and y else None
+
+
+def _speed_corrected(sysd: dict, a: str, b: str) -> float | None:
+    """Ratio of the medians of images/s x the run's speed-probe unit cost (``benchmarks/_speed.py``).
+
+    A run during which the host was slow (a fixed unit of work cost more CPU) is scaled up by that much; the
+    scale is relative, so it cancels between systems measured at the same speed. ``None`` when a run has no probe.
+    """
+    b_sys, steady = (b.removesuffix("_steady"), True) if b.endswith("_steady") else (b, False)
+
+    def m(name: str, st: bool) -> float | None:
+        runs = (sysd.get(name) or {}).get("runs") or []
+        if not runs or any(not (r.get("speed") or {}).get("unit_cpu_ms") for r in runs):
+            return None
+        return median([_rate(r, st) * r["speed"]["unit_cpu_ms"] for r in runs])
 
     x, y = m(a, False), m(b_sys, steady)
     return round(x / y, 3) if x and y else None
@@ -284,15 +304,17 @@ def markdown(result: dict) -> str:
                      f"({v['stage_unit']}) | {rss_s} |")
     q, c, rounds = result.get("ratios_quiet", {}), result.get("ratios_load_corrected", {}), \
         result.get("ratios_by_round", {})
+    sc = result.get("ratios_speed_corrected", {})
     lines += ["", f"| ratio | of the medians | per round (others' share of each run) | quiet rounds "
-                  f"(others <= {result.get('quiet_limit', QUIET)}) | load-corrected | target |",
-              "| --- | ---: | --- | ---: | ---: | --- |"]
+                  f"(others <= {result.get('quiet_limit', QUIET)}) | load-corrected | speed-corrected | target |",
+              "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
 
     def row(k: str, target: str) -> str:
         per = "; ".join(f"{x['ratio']} ({x['others'][0]:.2f}/{x['others'][1]:.2f})" for x in rounds.get(k, []))
         value = r.get(k) if r.get(k) is not None else "n/a"
         return f"| {k} | {value} | {per} | {q.get(k) if q.get(k) is not None else 'n/a'} | " \
-               f"{c.get(k) if c.get(k) is not None else 'n/a'} | {target} |"
+               f"{c.get(k) if c.get(k) is not None else 'n/a'} | {sc.get(k) if sc.get(k) is not None else 'n/a'} " \
+               f"| {target} |"
 
     for k, t in result["targets"].items():
         lines.append(row(k, f"{t['target']} ({'met' if t['met'] else 'missed'}; {t['source']})"))

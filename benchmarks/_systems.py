@@ -30,6 +30,7 @@ from pathlib import Path
 
 from benchmarks import _infra
 from benchmarks._infra import BENCH_DIR, ROOT, THREAD_ENV, Sampler
+from benchmarks._speed import SpeedProbe
 
 log = logging.getLogger("bench")
 
@@ -167,6 +168,7 @@ class Bench:
 
         a = self.args
         self.onnx_dir = ensure_onnx().resolve()
+        self.speed = SpeedProbe(self.onnx_dir)
         self.tokenizer = package_model_dir() / "tokenizer.json"
         self.faces_onnx = fetch_model("faces")
         self.esrgan_onnx = fetch_model("esrgan_slim_x4")
@@ -352,7 +354,7 @@ class Bench:
         load0 = os.getloadavg()[0]
         busy0 = _infra.host_busy_s()
         t0 = time.perf_counter()
-        with Sampler(list(roots)) as sampler:
+        with self.speed, Sampler(list(roots)) as sampler:
             res = fn(sampler)
         wall = time.perf_counter() - t0
         busy = _infra.host_busy_s() - busy0
@@ -369,6 +371,7 @@ class Bench:
             res["idle"] = _infra.idle_split(sampler.timeline, res["t0_epoch"], res["t1_epoch"], res["n_cpus"])
         res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         res["host_busy_share_other"] = round(max(0.0, busy - rep["cpu_s"]) / (wall * len(self.args.cpus)), 3)
+        res["speed"] = self.speed.report()
         res.pop("job_id", None)
         log.info("%-22s %8.1f images/s  %.2f s  cpu %.2f ms/image  load %.2f  others %.2f", system,
                  res["images_per_s"], res["seconds"], 1000 * res["cpu_s_per_image"], load0,

@@ -46,6 +46,9 @@ def test_quick_bench_reports_images_per_s_cpu_and_memory_for_every_system(quick_
             assert p["n"] > 0 and 0 <= p["p50"] <= p["p95"], (name, stage, p)
         assert s["peak_rss_mib"], name
         assert all(v["process"] > 0 for v in s["peak_rss_mib"].values()), (name, s["peak_rss_mib"])
+        speed = run["speed"]  # the speed probe's samples during the run (none in a run under 0.5 s)
+        assert speed == {} or (speed["samples"] >= 1 and 0 < speed["unit_cpu_ms_p10"] <= speed["unit_cpu_ms"]
+                               <= speed["unit_cpu_ms_p90"]), (name, speed)
     for ray in ("ray_data", "faces_ray_data"):
         assert result["systems"][ray]["images_per_s"] is None
         assert "skipped" in result["systems"][ray]
@@ -95,6 +98,8 @@ def test_quick_bench_reports_ratios_targets_triton_view_and_a_chart(quick_result
     assert r["genimg_best/upper_bound"] > 0 and r["genimg_best/naive_celery"] > 0
     assert r["faces_genimg/faces_upper_bound"] > 0 and r["genimg_best/genimg_per_image"] > 0
     assert r["genimg_best/genimg_previous_default"] > 0 and r["genimg_default/genimg_previous_default"] > 0
+    assert set(result["ratios_speed_corrected"]) == set(result["ratios_by_round"])
+    assert "speed-corrected" in out.with_suffix(".md").read_text()
     assert r["genimg_best/ray_data"] is None and r["faces_genimg/faces_ray_data"] is None  # no Ray in quick mode
     assert set(result["targets"]) == {"genimg_best/upper_bound", "genimg_best/ray_data_steady",
                                       "genimg_best/genimg_previous_default", "genimg_best/naive_celery",
