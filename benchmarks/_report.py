@@ -96,7 +96,7 @@ def summarize(runs: list[dict]) -> dict:
     if tm:
         out["triton_models"] = {m: {k: median([t[m][k] for t in tm if m in t]) for k in tm[0][m]} for m in tm[0]}
     out["loadavg_1m"] = [r["loadavg_1m"] for r in runs]
-    out["unit_cpu_ms"] = [(r.get("speed") or {}).get("unit_cpu_ms") for r in runs]
+    out["unit_cpu_ms"] = [(r.get("speed") or {}).get("unit_cpu_ms") for r in runs]  # per run: harmonic means
     if runs and runs[0].get("config"):
         out["config"] = runs[0]["config"]
     return out
@@ -137,10 +137,13 @@ def add_ratios(result: dict) -> None:
     result["ratios_load_corrected"] = {k: _corrected(sysd, *k.split("/")) for k in result["ratios_by_round"]}
     result["ratios_speed_corrected"] = {k: _speed_corrected(sysd, *k.split("/")) for k in result["ratios_by_round"]}
     result["quiet_limit"] = QUIET
-    result["targets"] = {k: {"target": t, "source": why,
-                             "met": bool(result["ratios"].get(k) is not None and result["ratios"][k] >= t),
-                             "met_quiet": (None if result["ratios_quiet"].get(k) is None
-                                           else bool(result["ratios_quiet"][k] >= t))}
+
+    def met(value: float | None, t: float) -> bool | None:
+        return None if value is None else bool(value >= t)
+
+    result["targets"] = {k: {"target": t, "source": why, "met": met(result["ratios"].get(k), t),
+                             "met_quiet": met(result["ratios_quiet"].get(k), t),
+                             "met_speed_corrected": met(result["ratios_speed_corrected"].get(k), t)}
                          for k, (t, why) in TARGETS.items()}
 
 
@@ -179,15 +182,17 @@ def _speed_corrected(sysd: dict, a: str, b: str) -> float | None:
     """Ratio of the medians of images/s x the run's speed-probe unit cost (``benchmarks/_speed.py``).
 
     A run during which the host was slow (a fixed unit of work cost more CPU) is scaled up by that much; the
-    scale is relative, so it cancels between systems measured at the same speed. ``None`` when a run has no probe.
+    scale cancels between systems measured at the same speed. A diagnostic: it assumes every system slows in
+    proportion to the probe. ``None`` when a run has no probe summary (too few samples, a failed probe).
     """
     b_sys, steady = (b.removesuffix("_steady"), True) if b.endswith("_steady") else (b, False)
 
     def m(name: str, st: bool) -> float | None:
         runs = (sysd.get(name) or {}).get("runs") or []
-        if not runs or any(not (r.get("speed") or {}).get("unit_cpu_ms") for r in runs):
+        key = "speed_steady" if st else "speed"
+        if not runs or any(not (r.get(key) or {}).get("unit_cpu_ms") for r in runs):
             return None
-        return median([_rate(r, st) * r["speed"]["unit_cpu_ms"] for r in runs])
+        return median([_rate(r, st) * r[key]["unit_cpu_ms"] for r in runs])
 
     x, y = m(a, False), m(b_sys, steady)
     return round(x / y, 3) if x and y else None
@@ -306,7 +311,7 @@ def markdown(result: dict) -> str:
         result.get("ratios_by_round", {})
     sc = result.get("ratios_speed_corrected", {})
     lines += ["", f"| ratio | of the medians | per round (others' share of each run) | quiet rounds "
-                  f"(others <= {result.get('quiet_limit', QUIET)}) | load-corrected | speed-corrected | target |",
+                  f"(others <= {result.get('quiet_limit', QUIET)}) | load-corrected | speed-corrected (diagnostic) | target |",
               "| --- | ---: | --- | ---: | ---: | ---: | --- |"]
 
     def row(k: str, target: str) -> str:
@@ -317,7 +322,10 @@ def markdown(result: dict) -> str:
                f"| {target} |"
 
     for k, t in result["targets"].items():
-        lines.append(row(k, f"{t['target']} ({'met' if t['met'] else 'missed'}; {t['source']})"))
+        verdicts = {True: "met", False: "missed", None: "not measured"}
+        extra = "".join(f"; {name} {verdicts[t.get(key)]}" for name, key in
+                        (("quiet", "met_quiet"), ("speed-corrected", "met_speed_corrected")) if t.get(key) is not None)
+        lines.append(row(k, f"{t['target']} ({verdicts[t['met']]}{extra}; {t['source']})"))
     for k in r:
         if k not in result["targets"]:
             lines.append(row(k, ""))

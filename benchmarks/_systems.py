@@ -357,7 +357,7 @@ class Bench:
         with self.speed, Sampler(list(roots)) as sampler:
             res = fn(sampler)
         wall = time.perf_counter() - t0
-        busy = _infra.host_busy_s() - busy0
+        busy = _infra.host_busy_s() - busy0 - self.speed.cpu_s()  # the probe is the bench's, not others' load
         rep = sampler.report()
         setup = float(res.get("setup_cpu_s", 0.0))
         ours = max(0.0, rep["cpu_s"] - setup)
@@ -371,7 +371,10 @@ class Bench:
             res["idle"] = _infra.idle_split(sampler.timeline, res["t0_epoch"], res["t1_epoch"], res["n_cpus"])
         res["loadavg_1m"] = [round(load0, 2), round(os.getloadavg()[0], 2)]
         res["host_busy_share_other"] = round(max(0.0, busy - rep["cpu_s"]) / (wall * len(self.args.cpus)), 3)
-        res["speed"] = self.speed.report()
+        t0e, t1e = res.get("t0_epoch"), res.get("t1_epoch")
+        res["speed"] = self.speed.summary(t0e, t1e)  # the clock's window only
+        if res.get("actor_ready_s") is not None and t0e:  # Ray's steady state: after its actor pool is ready
+            res["speed_steady"] = self.speed.summary(t0e + res["actor_ready_s"], t1e)
         res.pop("job_id", None)
         log.info("%-22s %8.1f images/s  %.2f s  cpu %.2f ms/image  load %.2f  others %.2f", system,
                  res["images_per_s"], res["seconds"], 1000 * res["cpu_s_per_image"], load0,

@@ -46,9 +46,10 @@ def test_quick_bench_reports_images_per_s_cpu_and_memory_for_every_system(quick_
             assert p["n"] > 0 and 0 <= p["p50"] <= p["p95"], (name, stage, p)
         assert s["peak_rss_mib"], name
         assert all(v["process"] > 0 for v in s["peak_rss_mib"].values()), (name, s["peak_rss_mib"])
-        speed = run["speed"]  # the speed probe's samples during the run (none in a run under 0.5 s)
-        assert speed == {} or (speed["samples"] >= 1 and 0 < speed["unit_cpu_ms_p10"] <= speed["unit_cpu_ms"]
-                               <= speed["unit_cpu_ms_p90"]), (name, speed)
+        speed = run["speed"]  # the speed probe in the clock's window (a quick run may hold under 10 samples)
+        assert (set(speed) == {"samples"} and speed["samples"] < 10) or (
+            speed["samples"] >= 10 and speed["unit_cpu_ms"] > 0
+            and 0 < speed["unit_cpu_ms_p10"] <= speed["unit_cpu_ms_median"] <= speed["unit_cpu_ms_p90"]), (name, speed)
     for ray in ("ray_data", "faces_ray_data"):
         assert result["systems"][ray]["images_per_s"] is None
         assert "skipped" in result["systems"][ray]
