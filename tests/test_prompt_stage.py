@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
-import tarfile
 import urllib.request
+from pathlib import Path
 
 import pytest
-
-from genimg.stores.base import sha256_hex
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +119,18 @@ OLD_SHA256: dict[int, str] = {
     99: "f8f45950fc251d341890dfe259845c7785cfb85ded88261186421db55738e7a3",
 }
 """sha256 of each image of the job below, as genimg made it before per-prompt work was done once
-(txt2img ensemble encoding one PROMPT per image); filled from a run of that code."""
+(txt2img ensemble encoding one PROMPT per image); filled from a run of that code on a CPU with AVX-512."""
+
+OLD_SHA256_AVX2 = {**OLD_SHA256, 25: "242283b3ed6f31b59650e61bd5154c070c4c41fcf4705c6ffe4e3be585d5d3dc"}
+"""The same on a CPU without AVX-512 (AVX2 and FMA only: 2026-12-02's AMD EPYC): ONNX Runtime's MLAS picks
+other kernels per instruction set, and one pixel of item 25 rounds the other way. The per-image rule gives
+this hash there too: ``benchmarks/upper_bound.py --per-image-prompt`` (and without it), batches of 64 and 100,
+all give 242283b3... for item 25 and the hashes above for the other 99 on that machine."""
+
+
+def _old_sha256() -> dict[int, str]:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return OLD_SHA256 if re.search(r"\bavx512f\b", flags) else OLD_SHA256_AVX2
 
 
 def _inference_count(metrics_url: str, model: str) -> float:
@@ -149,5 +157,5 @@ def test_txt2img_25_prompts_x4_encodes_each_prompt_once_with_pixels_unchanged(st
     if os.environ.get("GENIMG_PRINT_SHA256"):
         print("SHA256", json.dumps(got, sort_keys=True))
     assert len(got) == 100
-    assert got == OLD_SHA256
+    assert got == _old_sha256()
     assert encoded <= len(PROMPTS), encoded
