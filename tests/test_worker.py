@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -124,5 +125,8 @@ def test_a_job_of_many_shards_is_finalised_without_outgrowing_the_workers_s3_con
                             upscale=False)
         assert job.wait(progress=False, timeout_s=180).state == "succeeded"
         assert job.manifest().num_rows == 200
+    deadline = time.monotonic() + 30  # the state reads succeeded once _SUCCESS is written; the log line follows
+    while "job finalised" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "job finalised" in worker.log()  # by this worker, through its store
     assert "Connection pool is full" not in worker.log()
