@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,20 +313,13 @@ class Sampler:
             self.timeline.append((time.time(), sum(x.cpu - x.cpu0 for x in seen),
                                   sum(x.cpu - x.cpu0 for x in seen if x.kind == "triton_stub")))
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
-
     def __enter__(self) -> Sampler:
         self.sample(first=True)  # baseline: CPU already spent by servers that were running before
-        self._thread = threading.Thread(target=self._loop, name="sampler", daemon=True)
-        self._thread.start()
+        self._thread = start_periodic(self._stop, self.interval_s, self.sample, "sampler")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        stop_periodic(self._stop, self._thread)
         self._tree = None  # the last sample finds every process still running
         self.sample()
 
@@ -401,6 +394,25 @@ def idle_split(timeline: list[tuple[float, float, float]], t0: float, t1: float,
     return {"fill_s": round(fill, 3), "drain_s": round(drain, 3), "idle_fill_cpu_s": round(idle_fill, 3),
             "idle_middle_cpu_s": round(max(0.0, idle_all - idle_fill - idle_drain), 3),
             "idle_drain_cpu_s": round(idle_drain, 3), "used_cpu_s": round(used(t0, t1), 3)}
+
+
+def start_periodic(stop: threading.Event, interval_s: float, tick: Callable[[], object], name: str
+                   ) -> threading.Thread:
+    """A started daemon thread that calls ``tick()``, then waits ``interval_s``, until ``stop`` is set."""
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            tick()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def stop_periodic(stop: threading.Event, thread: threading.Thread | None) -> None:
+    """Stop a :func:`start_periodic` thread and wait for its current tick to end."""
+    stop.set()
+    if thread is not None:
+        thread.join()
 
 
 def host_busy_s() -> float:

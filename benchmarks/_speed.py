@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._infra import start_periodic, stop_periodic
+
 MIN_SAMPLES = 10
 """A window with fewer samples has no summary (its cost would rest on a second or two of a drifting host)."""
 
@@ -71,25 +73,23 @@ class SpeedProbe:
         zlib.compress(self.buf, 6)
         return 1000 * (time.thread_time() - t)
 
-    def _loop(self) -> None:
+    def _tick(self) -> None:
         try:
-            while not self._stop.wait(self.interval_s):
-                cost = self.unit_ms()
-                self.samples.append((time.time(), cost))
+            cost = self.unit_ms()
         except Exception as e:  # recorded: the run's speed becomes "not measured", never a biased figure
             self.error = f"{type(e).__name__}: {e}"
+            self._stop.set()
+            return
+        self.samples.append((time.time(), cost))
 
     def __enter__(self) -> SpeedProbe:
         self.samples, self.error = [], None
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="speed-probe", daemon=True)
-        self._thread.start()
+        self._thread = start_periodic(self._stop, self.interval_s, self._tick, "speed-probe")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        stop_periodic(self._stop, self._thread)
 
     def cpu_s(self) -> float:
         """CPU seconds the probe's units used in the last run (to take out of the others' share)."""
