@@ -33,7 +33,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 test: venv lint
-	bash scripts/test-services.sh $(PY) -m pytest -q -m "not soak"
+	bash scripts/test-services.sh $(PY) -m pytest -q -m "not soak" --durations=25
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not soak and not slow"

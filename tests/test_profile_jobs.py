@@ -99,14 +99,16 @@ def test_terrain_job_across_difficulties_records_each_items_difficulty_and_rerun
     worker = stack.start_worker(GENIMG_CONCURRENCY=1)
     worker.wait_ready()
     with Client() as client:
-        job = client.submit(model="terrain", count=200, params={"difficulty": [1, 50, 100]},
-                            output=f"s3://{s3_bucket}/terrain", seed=3, shard_size=100, sub_batch_size=16)
-        status = job.wait(progress=False, timeout_s=400)
+        # 60 items (20 per difficulty) in 2 shards: the UNet costs ~0.1 s of CPU per image, and CI's hosts
+        # run it up to 10x slower than that (200 items outlived a 400 s wait there)
+        job = client.submit(model="terrain", count=60, params={"difficulty": [1, 50, 100]},
+                            output=f"s3://{s3_bucket}/terrain", seed=3, shard_size=30, sub_batch_size=16)
+        status = job.wait(progress=False, timeout_s=600)
         assert status.state == "succeeded", status
         table = job.manifest()
         store, layout = client.job_store(job.spec)
     rows = table.to_pylist()
-    assert [r["item_index"] for r in rows] == list(range(200)) and all(r["status"] == "ok" for r in rows)
+    assert [r["item_index"] for r in rows] == list(range(60)) and all(r["status"] == "ok" for r in rows)
     members = {**_tar_members(store, layout, 0), **_tar_members(store, layout, 1)}
     means: dict[int, list[float]] = {1: [], 50: [], 100: []}
     for r in rows:
@@ -119,8 +121,10 @@ def test_terrain_job_across_difficulties_records_each_items_difficulty_and_rerun
         means[want].append(float(image.mean()))
     assert rows[0]["model_version"] == meta["model_version"] and len(rows[0]["model_version"]) == 16
     m1, m50, m100 = (float(np.mean(means[d])) for d in (1, 50, 100))
-    print(f"terrain mean grey level: difficulty 1 {m1:.1f}, 50 {m50:.1f}, 100 {m100:.1f}")
-    assert m1 + 20 < m50 < m100 - 10  # the model makes harder terrain higher (brighter), ~68/104/133 in-process
+    spread = max(float(np.std(means[d])) for d in (1, 50, 100))
+    print(f"terrain mean grey level: difficulty 1 {m1:.1f}, 50 {m50:.1f}, 100 {m100:.1f}; largest sd {spread:.1f}")
+    # the model makes harder terrain higher (brighter): 68.2 / 96.5 / 127.9 for this seed (per-image sd <= 26.2)
+    assert m1 + 15 < m50 < m100 - 15
     with InferenceClient(triton_server.urls["grpc"], "grpc") as triton:
         again = Layout(bucket=layout.bucket, prefix="terrain-again", job_id=layout.job_id)
         run_shard(job.spec, 1, store=store, layout=again, infer=Infer(triton))
