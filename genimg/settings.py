@@ -257,7 +257,8 @@ class WorkerSettings(RedisSettings):
 
 
 def check_timing(s: WorkerSettings) -> None:
-    """Raise ConfigError unless soft < hard < visibility timeout and max countdown < visibility timeout.
+    """Raise ConfigError unless soft < hard < visibility timeout, max countdown < visibility timeout and
+    first countdown <= max countdown.
 
     Raises:
         ConfigError: naming the two settings that conflict.
@@ -276,6 +277,10 @@ def check_timing(s: WorkerSettings) -> None:
             f"GENIMG_VISIBILITY_TIMEOUT_S ({s.visibility_timeout_s}) must exceed "
             f"GENIMG_RETRY_BACKOFF_MAX_S ({s.retry_backoff_max_s}): a shard waiting on its retry "
             "countdown would be redelivered (case C1)")
+    if not s.retry_backoff_base_s <= s.retry_backoff_max_s:
+        raise ConfigError(
+            f"GENIMG_RETRY_BACKOFF_BASE_S ({s.retry_backoff_base_s:g}) must not exceed "
+            f"GENIMG_RETRY_BACKOFF_MAX_S ({s.retry_backoff_max_s}): every countdown would be the maximum")
 
 
 def stranded_after_s(s: WorkerSettings) -> float:

@@ -22,6 +22,18 @@ def test_infer_inflight_outside_1_to_64_is_refused(monkeypatch, value):
         WorkerSettings()
 
 
+def test_a_first_retry_countdown_above_the_largest_is_refused_naming_both_settings(monkeypatch):
+    from genimg.errors import ConfigError
+    from genimg.settings import check_timing
+
+    monkeypatch.setenv("GENIMG_RETRY_BACKOFF_MAX_S", "60")
+    monkeypatch.setenv("GENIMG_RETRY_BACKOFF_BASE_S", "60")
+    check_timing(WorkerSettings())  # equal: the first countdown is already the largest, allowed
+    monkeypatch.setenv("GENIMG_RETRY_BACKOFF_BASE_S", "1e6")
+    with pytest.raises(ConfigError, match=r"GENIMG_RETRY_BACKOFF_BASE_S \(1e\+06\) must not exceed "
+                                          r"GENIMG_RETRY_BACKOFF_MAX_S \(60\)"):
+        check_timing(WorkerSettings())
+
 def test_a_worker_that_dies_of_an_unrecoverable_error_exits_non_zero():
     """Celery logs "Unrecoverable error" and stops with exit code 1, which ``app.worker_main`` used to drop, so
     ``genimg worker`` exited 0 and a supervisor checking the code saw a clean stop. Here the pool cannot start:
